@@ -1,0 +1,81 @@
+"""Autograd pieces: batched vector–Jacobian products over tasks, per-sample fallbacks, and the loss-graph walk."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _zeros_for_unused(grads, inputs, lead: tuple[int, ...]) -> list[Tensor]:
+    return [torch.zeros(lead + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def task_vjp(losses: list[Tensor], inputs: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """∂(Σ_i weights[t,i] ℓ_{t,i})/∂x for every task t and input x, batched over tasks: each (T, *x.shape)."""
+    n_tasks = len(losses)
+    if n_tasks == 1:
+        grads = torch.autograd.grad(losses, inputs, [weights[0]], retain_graph=True, allow_unused=True)
+        return [g.unsqueeze(0) for g in _zeros_for_unused(grads, inputs, ())]
+    eye = torch.eye(n_tasks, dtype=weights.dtype, device=weights.device)
+    grad_outputs = [eye[:, t, None] * weights[t] for t in range(n_tasks)]  # task t's loss seeds row t only
+    grads = torch.autograd.grad(
+        losses, inputs, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    return _zeros_for_unused(grads, inputs, (n_tasks,))
+
+
+def per_sample_batched(losses: list[Tensor], params: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """Per-sample gradients ∂ℓ_{t,i}/∂θ by one batched backward over all (t, i): each (T, B, *θ.shape)."""
+    n_tasks, batch = weights.shape
+    seeds = torch.zeros(n_tasks, batch, n_tasks, batch, dtype=weights.dtype, device=weights.device)
+    for t in range(n_tasks):
+        seeds[t, :, t, :] = torch.diag(weights[t])
+    grad_outputs = [seeds[:, :, t].reshape(n_tasks * batch, batch) for t in range(n_tasks)]
+    grads = torch.autograd.grad(
+        losses, params, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    grads = _zeros_for_unused(grads, params, (n_tasks * batch,))
+    return [g.reshape(n_tasks, batch, *g.shape[1:]) for g in grads]
+
+
+def per_sample_loop(losses: list[Tensor], params: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """The slow oracle: one backward per task and sample. Each (T, B, *θ.shape)."""
+    n_tasks, batch = weights.shape
+    out = [torch.zeros(n_tasks, batch, *p.shape, dtype=p.dtype, device=p.device) for p in params]
+    for t, loss in enumerate(losses):
+        for i in range(batch):
+            if weights[t, i] == 0:
+                continue
+            grads = torch.autograd.grad(loss[i], params, retain_graph=True, allow_unused=True)
+            for o, g in zip(out, grads):
+                if g is not None:
+                    o[t, i] = g * weights[t, i]
+    return out
+
+
+def head_leaves(tasks, losses: list[Tensor], stop: set, module_param_ids: set[int]) -> list[Tensor]:
+    """Leaves the losses reach without passing through the module's output nodes ``stop`` (the heads).
+
+    Also checks that every loss reaches the captured forward at all.
+    """
+    leaves: dict[int, Tensor] = {}
+    for task, loss in zip(tasks, losses):
+        seen, todo, reached = set(), [loss.grad_fn], False
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in stop:
+                reached = True
+                continue
+            variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
+            if variable is not None and id(variable) not in module_param_ids:
+                leaves[id(variable)] = variable
+            todo.extend(next_node for next_node, _ in node.next_functions)
+        if not reached:
+            raise ValueError(
+                f"loss {task!r} is not connected to the captured forward: compute it from the module's output "
+                "produced inside `with probe.capture():`"
+            )
+    return list(leaves.values())

@@ -1,0 +1,115 @@
+"""References R_{t,i}: what a sample's gradient is compared with (DESIGN §2), from block-level contractions.
+
+``batch`` ḡ_t (mean over the task's labelled samples), ``loo`` the same mean without sample i, ``class`` the mean of
+the other samples with the same label (a sample alone in its class has no reference: its dot, reference norm and
+cosine are 0), and :class:`EMAReference`, an exponential moving average of ḡ_t carried across steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._blocks import Block
+
+REFERENCES = ("batch", "loo", "class")
+
+
+class EMAReference:
+    """An exponential moving average of each task's mean gradient, carried across ``compute()`` calls.
+
+    At step k the reference is R_k = decay · R_{k−1} + (1 − decay) · ḡ_t(k), with R_1 = ḡ_t(1), so the first step
+    equals the ``batch`` reference. It lives in the per-layer parameter space of the probe that fills it: reuse one
+    object with one probe (same layers, same tasks). ``state_dict()``/``load_state_dict()`` checkpoint it.
+    """
+
+    def __init__(self, decay: float = 0.9):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMAReference decay must lie in [0, 1); got {decay}")
+        self.decay = decay
+        self.state: dict[str, Tensor] = {}
+        self.tasks: tuple[str, ...] | None = None
+        self.steps = 0
+
+    def __repr__(self) -> str:
+        return f"EMAReference(decay={self.decay}, steps={self.steps})"
+
+    def update(self, blocks: list[Block], counts: Tensor, tasks: tuple[str, ...]) -> dict[str, Tensor]:
+        """Fold this step's task means into the average and return the reference per block, (T, *space)."""
+        if self.tasks is not None and tuple(tasks) != self.tasks:
+            raise ValueError(f"this EMAReference tracks tasks {list(self.tasks)}; got {list(tasks)}")
+        keys = {b.key for b in blocks}
+        if self.state and set(self.state) != keys:
+            raise ValueError(
+                "this EMAReference was filled by a probe over other layers; use one EMAReference per probe "
+                f"(known: {sorted(self.state)[:4]}…, now: {sorted(keys)[:4]}…)"
+            )
+        for block in blocks:
+            sums = block.batch_sums()
+            n = counts.to(sums.dtype).clamp(min=1).reshape(-1, *([1] * (sums.dim() - 1)))
+            mean = sums / n
+            prev = self.state.get(block.key)
+            if prev is None:
+                self.state[block.key] = mean.clone()
+            else:  # a task with no labelled sample this step keeps its reference
+                has = (counts > 0).reshape(n.shape)
+                self.state[block.key] = torch.where(has, self.decay * prev.to(mean) + (1 - self.decay) * mean, prev)
+        self.tasks = tuple(tasks)
+        self.steps += 1
+        return self.state
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "steps": self.steps, "tasks": self.tasks, "state": dict(self.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.steps = state["decay"], state["steps"]
+        self.tasks = tuple(state["tasks"]) if state["tasks"] is not None else None
+        self.state = dict(state["state"])
+
+
+def _safe_cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
+    """dot / (‖a‖‖b‖), and 0 where either norm is 0."""
+    denom = (sq_a.clamp(min=0) * sq_b.clamp(min=0)).sqrt()
+    return torch.where(denom > 0, dot / denom.where(denom > 0, torch.ones_like(denom)), torch.zeros_like(dot))
+
+
+def _leave_one_out(group_dot: Tensor, group_sq: Tensor, sq: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Sample i against (S − G_i)/(n − 1): dot and squared reference norm; both 0 where n ≤ 1."""
+    others = (count - 1).to(sq.dtype)
+    alone = others <= 0
+    others = others.clamp(min=1)
+    dot = (group_dot - sq) / others
+    ref_sq = (group_sq - 2 * group_dot + sq).clamp(min=0) / others**2
+    # cancellation can leave rounding noise where the reference vanishes: call it zero
+    noise = 64 * torch.finfo(sq.dtype).eps * (group_sq.abs() + sq.abs()) / others**2
+    ref_sq = torch.where(ref_sq <= noise, torch.zeros_like(ref_sq), ref_sq)
+    return dot.masked_fill(alone, 0), ref_sq.masked_fill(alone, 0)
+
+
+def similarity(
+    kind, blocks: list[Block], sq: Tensor, keep: Tensor, labels: Tensor | None, tasks: tuple[str, ...]
+) -> tuple[Tensor, Tensor]:
+    """(dot, squared reference norm), each (T, B), of every sample against reference ``kind``."""
+    if isinstance(kind, EMAReference):
+        refs = kind.update(blocks, keep.sum(1), tasks)
+        dot = sum(b.ref_dots(refs[b.key]) for b in blocks)
+        ref_sq = sum(refs[b.key].flatten(1).pow(2).sum(1) for b in blocks)
+        return dot, ref_sq[:, None].expand_as(dot).to(dot)
+    if kind == "class":
+        ids = torch.where(keep, labels, torch.full_like(labels, -1))
+        n_groups = int(labels[keep].max()) + 1 if keep.any() else 1
+    else:
+        ids = torch.where(keep, torch.zeros_like(keep, dtype=torch.long), torch.full_like(keep, -1, dtype=torch.long))
+        n_groups = 1
+    group_dot = sum(b.group_dots(ids, n_groups) for b in blocks)  # (T, B): ⟨G_i, S_{k(i)}⟩
+    tasks_n, batch = group_dot.shape
+    own = ids.clamp(min=0)
+    group_sq = torch.zeros(tasks_n, n_groups, dtype=sq.dtype, device=sq.device)
+    group_sq.scatter_add_(1, own, group_dot * keep)  # ‖S_k‖² = Σ_{i∈k} ⟨G_i, S_k⟩
+    counts = torch.zeros(tasks_n, n_groups, dtype=torch.long, device=sq.device)
+    counts.scatter_add_(1, own, keep.long())
+    group_sq, count = group_sq.gather(1, own), counts.gather(1, own)
+    if kind == "batch":
+        n = count.clamp(min=1).to(sq.dtype)
+        return group_dot / n, group_sq / n**2
+    return _leave_one_out(group_dot, group_sq, sq, count)

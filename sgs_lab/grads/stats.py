@@ -1,0 +1,187 @@
+"""GradStats: the per-sample, per-task statistics of one batch, and the weighted update from what was captured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._blocks import Block
+from .references import _safe_cosine, similarity
+
+
+class Similarity(NamedTuple):
+    cosine: Tensor  # (T, B)
+    dot: Tensor  # (T, B)
+    ref_norm: Tensor  # (T, B)
+
+
+@dataclass(eq=False)
+class GradStats:
+    """Statistics of one captured batch; every tensor is detached, float32 (float64 for a float64 module).
+
+    Samples that a task's mask leaves out read NaN in that task's rows (and in ``conflict`` pairs with that task).
+
+    Attributes:
+        tasks: task names, in the order of the ``losses`` given to ``compute``.
+        cosine, dot, norm, ref_norm: (T, B) — cos(g_{t,i}, R_{t,i}), ⟨g_{t,i}, R_{t,i}⟩, ‖g_{t,i}‖, ‖R_{t,i}‖.
+        task_cosine: (T, T) — cosine between the tasks' (masked) batch-mean gradients.
+        conflict: (B, T, T) — per-sample cosine between one sample's gradients for two tasks.
+        mask: (T, B) bool — which samples count for which task.
+        losses: (T, B) — the per-sample losses, detached.
+        reference: the reference the similarity columns use.
+        fallback: parameters computed by batched autograd because no rule covers them.
+        strategies: block → how it was contracted ("gram", "materialise", "materialised", …).
+    """
+
+    tasks: tuple[str, ...]
+    cosine: Tensor
+    dot: Tensor
+    norm: Tensor
+    ref_norm: Tensor
+    task_cosine: Tensor
+    conflict: Tensor
+    mask: Tensor
+    losses: Tensor
+    reference: object
+    fallback: tuple[str, ...]
+    strategies: dict[str, str]
+    _blocks: list[Block] = field(repr=False)
+    _sq: Tensor = field(repr=False)
+    _labels: Tensor | None = field(repr=False)
+    _attached_losses: list[Tensor] = field(repr=False)
+    _autograd_leaves: list[Tensor] = field(repr=False)
+    _head_leaves: list[Tensor] = field(repr=False)
+    _used: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"GradStats(tasks={list(self.tasks)}, batch={self.cosine.shape[1]}, reference={self.reference!r}, "
+            f"fallback={list(self.fallback)})"
+        )
+
+    def similarity(self, reference="class", labels: dict[str, Tensor] | None = None) -> Similarity:
+        """Cosine, dot and reference norm against another reference, from the same capture (no new backward).
+
+        ``labels`` are needed for ``"class"`` unless ``compute`` already had them.
+        """
+        from .probe import check_labels
+
+        label_tensor = self._labels
+        if labels is not None:
+            label_tensor = check_labels(labels, self.tasks, self.mask.shape[1], self.mask.device)
+        if reference == "class" and label_tensor is None:
+            raise ValueError('reference="class" needs integer labels: pass labels={task: (B,) tensor}')
+        return _similarity(reference, self._blocks, self._sq, self.mask, label_tensor, self.tasks)
+
+    def backward(
+        self, sample_weights: Tensor | None = None, task_weights: Tensor | None = None, *, heads: bool = True
+    ) -> None:
+        """Accumulate the gradient of L = Σ_t λ_t · mean_i(w_{t,i} ℓ_{t,i}) into ``.grad``.
+
+        The mean runs over each task's labelled (unmasked) samples. ``sample_weights`` (T, B) and ``task_weights``
+        (T,) are treated as constants (default: ones). Parameters covered by a rule get their gradient from the
+        captured activations and output gradients — no second backward through the module. Everything else the
+        losses depend on (parameters out of scope, and with ``heads=True`` the heads' parameters, found by walking
+        the loss graph down to the module's output) gets it from one ordinary backward of L that stops at the
+        module's output. That backward frees the heads' graph: call ``backward`` once per ``compute``.
+        """
+        if self._used:
+            raise RuntimeError("backward() was already called for these statistics; compute() again for a new step")
+        n_tasks, batch = self.mask.shape
+        ref = self.cosine
+        w = torch.ones_like(ref) if sample_weights is None else _check_weights(sample_weights, (n_tasks, batch), ref)
+        lam = torch.ones(n_tasks, dtype=ref.dtype, device=ref.device)
+        if task_weights is not None:
+            lam = _check_weights(task_weights, (n_tasks,), ref, "task_weights")
+        counts = self.mask.sum(1).clamp(min=1).to(ref.dtype)
+        coef = torch.where(self.mask, lam[:, None] * w / counts[:, None], torch.zeros_like(w))
+        self._used = True
+        for block in self._blocks:
+            block.accumulate_grad(coef)
+        leaves = self._autograd_leaves + (self._head_leaves if heads else [])
+        if leaves:
+            total = sum((loss * c.to(loss.dtype)).sum() for loss, c in zip(self._attached_losses, coef))
+            torch.autograd.backward(total, inputs=leaves)
+
+
+def _check_weights(value: Tensor, shape: tuple, like: Tensor, name: str = "sample_weights") -> Tensor:
+    value = torch.as_tensor(value)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (tasks in the order of the losses); got {tuple(value.shape)}")
+    value = value.detach().to(like)
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contain NaN or Inf")
+    return value
+
+
+def _similarity(reference, blocks, sq, keep, labels, tasks) -> Similarity:
+    dot, ref_sq = similarity(reference, blocks, sq, keep, labels, tasks)
+    cosine = _safe_cosine(dot, sq, ref_sq)
+    nan = torch.full_like(dot, float("nan"))
+    return Similarity(
+        cosine=torch.where(keep, cosine, nan),
+        dot=torch.where(keep, dot, nan),
+        ref_norm=torch.where(keep, ref_sq.clamp(min=0).sqrt(), nan),
+    )
+
+
+def assemble(
+    blocks: list[Block],
+    *,
+    tasks: tuple[str, ...],
+    keep: Tensor,
+    labels: Tensor | None,
+    reference,
+    losses: list[Tensor],
+    dtype: torch.dtype,
+    autograd_leaves: list[Tensor],
+    head_leaves: list[Tensor],
+    fallback: tuple[str, ...],
+) -> GradStats:
+    n_tasks, batch = keep.shape
+    device = keep.device
+    cross = torch.zeros(batch, n_tasks, n_tasks, dtype=dtype, device=device)
+    gram = torch.zeros(n_tasks, n_tasks, dtype=dtype, device=device)
+    for block in blocks:  # cross first: a materialising block then forms its per-sample gradients once
+        cross += block.cross()
+        gram += block.task_gram()
+    sq = torch.diagonal(cross, dim1=1, dim2=2).T.contiguous()  # (T, B)
+    sim = _similarity(reference, blocks, sq, keep, labels, tasks)
+    diag = torch.diagonal(cross, dim1=1, dim2=2)  # (B, T)
+    conflict = _safe_cosine(cross, diag[:, :, None], diag[:, None, :])
+    both = keep.T[:, :, None] & keep.T[:, None, :]
+    conflict = torch.where(both, conflict, torch.full_like(conflict, float("nan")))
+    gram_diag = torch.diagonal(gram)
+    task_cosine = _safe_cosine(gram, gram_diag[:, None], gram_diag[None, :])
+    norm = torch.where(keep, sq.clamp(min=0).sqrt(), torch.full_like(sq, float("nan")))
+    return GradStats(
+        tasks=tasks,
+        cosine=sim.cosine,
+        dot=sim.dot,
+        norm=norm,
+        ref_norm=sim.ref_norm,
+        task_cosine=task_cosine,
+        conflict=conflict,
+        mask=keep,
+        losses=torch.stack([loss.detach().to(dtype) for loss in losses]),
+        reference=reference,
+        fallback=fallback,
+        strategies={b.key: getattr(b, "strategy", "materialised") for b in blocks},
+        _blocks=blocks,
+        _sq=sq,
+        _labels=labels,
+        _attached_losses=losses,
+        _autograd_leaves=autograd_leaves,
+        _head_leaves=head_leaves,
+    )
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """Statistics dtype: float64 for a float64 module, else float32 (bf16/fp16 accumulate in float32)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return torch.promote_types(p.dtype, torch.float32)
+    return torch.float32
