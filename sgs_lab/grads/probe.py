@@ -147,6 +147,12 @@ class SampleGradients:
                 layer.train()
 
     def _prepare_batchnorm(self) -> list[nn.Module]:
+        batch_stats = [n for n, m in self.module.named_modules() if isinstance(m, _BatchNorm) and not m.track_running_stats]
+        if batch_stats:
+            raise ValueError(
+                f"BatchNorm layer(s) {batch_stats} have track_running_stats=False: they always normalise with batch "
+                "statistics, which mixes samples, so per-sample gradients are not defined. Use LayerNorm or GroupNorm"
+            )
         training = [(n, m) for n, m in self.module.named_modules() if isinstance(m, _BatchNorm) and m.training]
         if training and self.batchnorm == "error":
             names = ", ".join(repr(n) for n, _ in training)

@@ -1,7 +1,8 @@
 """Per-layer rules: from a layer's captured inputs and output gradients to blocks (see ``_blocks``).
 
 Built-in rules cover ``nn.Linear`` (any leading dims), ``nn.Conv1d``/``nn.Conv2d`` (stride, padding, dilation,
-groups, padding modes), ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm`` and ``nn.GroupNorm``.
+groups, padding modes), ``nn.Embedding``, and the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm`` and
+eval-mode ``nn.BatchNorm1d/2d/3d``.
 Rules match the layer's exact type: a subclass may change ``forward`` and would be silently wrong otherwise.
 
 Users add layers with :func:`register_grad_rule`; such a rule returns per-sample gradients, which the engine
@@ -184,13 +185,20 @@ def embedding_rule(call: Call, grad_output: Tensor, names: set, options: dict) -
     return [EmbeddingBlock(call.key, idx, d, slot, layer.num_embeddings)]
 
 
-@_block_rule(nn.LayerNorm, nn.GroupNorm)
+@_block_rule(nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def norm_affine_rule(call: Call, grad_output: Tensor, names: set, options: dict) -> list[Block]:
+    """y = x̂ ⊙ γ + β: per-sample γ gradient Σ δ ⊙ x̂, β gradient Σ δ (BatchNorm: eval mode, running statistics)."""
     layer, dtype = call.layer, options["dtype"]
     x = call.inputs[0].to(dtype)
     d = grad_output.to(dtype)
     tasks, batch = d.shape[:2]
-    if isinstance(layer, nn.LayerNorm):
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = layer.running_mean.to(dtype).reshape(shape), layer.running_var.to(dtype).reshape(shape)
+        x_hat = (x - mean) / torch.sqrt(var + layer.eps)
+        gamma = (d * x_hat).reshape(tasks, batch, layer.num_features, -1).sum(-1)  # (T, B, C)
+        beta = d.reshape(tasks, batch, layer.num_features, -1).sum(-1)
+    elif isinstance(layer, nn.LayerNorm):
         x_hat = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
         n = len(layer.normalized_shape)
         gamma = (d * x_hat).reshape(tasks, batch, -1, *x.shape[-n:]).sum(2)  # (T, B, *normalized_shape)
