@@ -275,3 +275,25 @@ def test_environment_yml_lists_every_dependency():
     for name in names:
         assert re.search(rf"^\s*-\s*{re.escape(name)}\b", env, re.M), f"{name} is missing from environment.yml"
     assert "torch==2.13.0" in env
+
+
+def test_loss_that_taps_an_inner_layer_is_still_exact():
+    """A loss may use an inner layer's output directly (not only the module's output): the engine notices."""
+
+    class Tapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.outer = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            self.hidden = self.inner(x)
+            return self.outer(torch.tanh(self.hidden))
+
+    torch.manual_seed(0)
+    encoder = Tapped().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    probe = sgs_lab.SampleGradients(encoder)
+    with probe.capture():
+        z = encoder(x)
+    losses = {"a": z.pow(2).sum(1), "b": torch.sin(encoder.hidden).sum(1) + z.sum(1)}
+    compare_stats(probe.compute(losses), oracle_stats(losses, list(encoder.parameters())))

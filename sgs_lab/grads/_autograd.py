@@ -10,9 +10,22 @@ def _zeros_for_unused(grads, inputs, lead: tuple[int, ...]) -> list[Tensor]:
     return [torch.zeros(lead + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g for g, x in zip(grads, inputs)]
 
 
-def task_vjp(losses: list[Tensor], inputs: list[Tensor], weights: Tensor) -> list[Tensor]:
-    """∂(Σ_i weights[t,i] ℓ_{t,i})/∂x for every task t and input x, batched over tasks: each (T, *x.shape)."""
+def task_vjp(losses: list[Tensor], inputs: list[Tensor], weights: Tensor, outputs: list[Tensor] | None = None) -> list[Tensor]:
+    """∂(Σ_i weights[t,i] ℓ_{t,i})/∂x for every task t and input x, batched over tasks: each (T, *x.shape).
+
+    With ``outputs`` (the module's outputs, through which every loss reaches ``inputs``) it goes in two stages:
+    each task's gradient at the outputs through its own head, then one backward through the module batched over
+    tasks — so each head is traversed once, not T times.
+    """
     n_tasks = len(losses)
+    if outputs is not None and n_tasks > 1:
+        at_outputs = [
+            _zeros_for_unused(torch.autograd.grad(loss, outputs, w, retain_graph=True, allow_unused=True), outputs, ())
+            for loss, w in zip(losses, weights)
+        ]
+        seeds = [torch.stack([task[k] for task in at_outputs]) for k in range(len(outputs))]
+        grads = torch.autograd.grad(outputs, inputs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        return _zeros_for_unused(grads, inputs, (n_tasks,))
     if n_tasks == 1:
         grads = torch.autograd.grad(losses, inputs, [weights[0]], retain_graph=True, allow_unused=True)
         return [g.unsqueeze(0) for g in _zeros_for_unused(grads, inputs, ())]
@@ -53,12 +66,16 @@ def per_sample_loop(losses: list[Tensor], params: list[Tensor], weights: Tensor)
     return out
 
 
-def head_leaves(tasks, losses: list[Tensor], stop: set, module_param_ids: set[int]) -> list[Tensor]:
-    """Leaves the losses reach without passing through the module's output nodes ``stop`` (the heads).
+def head_leaves(
+    tasks, losses: list[Tensor], stop: set, module_param_ids: set[int], internal: set
+) -> tuple[list[Tensor], bool]:
+    """Leaves the losses reach without passing through the module's output nodes ``stop`` (the heads), and
+    whether a loss reaches one of the ``internal`` nodes (captured layer outputs) other than through the outputs.
 
     Also checks that every loss reaches the captured forward at all.
     """
     leaves: dict[int, Tensor] = {}
+    bypass = False
     for task, loss in zip(tasks, losses):
         seen, todo, reached = set(), [loss.grad_fn], False
         while todo:
@@ -69,6 +86,7 @@ def head_leaves(tasks, losses: list[Tensor], stop: set, module_param_ids: set[in
             if node in stop:
                 reached = True
                 continue
+            bypass = bypass or node in internal
             variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
             if variable is not None and id(variable) not in module_param_ids:
                 leaves[id(variable)] = variable
@@ -78,4 +96,4 @@ def head_leaves(tasks, losses: list[Tensor], stop: set, module_param_ids: set[in
                 f"loss {task!r} is not connected to the captured forward: compute it from the module's output "
                 "produced inside `with probe.capture():`"
             )
-    return list(leaves.values())
+    return list(leaves.values()), bypass

@@ -177,7 +177,7 @@ class DenseBlock(Block):
         return (ra * self.d).sum((2, 3))
 
     def accumulate_grad(self, coef: Tensor) -> None:
-        d = torch.einsum("tb,tbpo->bpo", coef.to(self.d.dtype), self.d).reshape(-1, self.d_out)
+        d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0).reshape(-1, self.d_out)
         grad = d.T @ self.a.reshape(-1, self.d_in)  # (d_out, d_in)
         start = 0
         for slot in self.slots:
@@ -290,7 +290,7 @@ class EmbeddingBlock(Block):
         return out
 
     def accumulate_grad(self, coef: Tensor) -> None:
-        d = torch.einsum("tb,tbpo->bpo", coef.to(self.d.dtype), self.d)
+        d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0)
         _add_grad(self.slots[0], self._scatter(d, self.idx))
 
 

@@ -204,9 +204,10 @@ class SampleGradients:
         rec.check_unchanged()
         stop = {z.grad_fn for z in rec.outputs if z.grad_fn is not None}
         module_ids = {id(p) for p in self.module.parameters()}
-        head_leaves = _autograd.head_leaves(tasks, loss_list, stop, module_ids)
+        internal = {c.output.grad_fn for calls in rec.calls.values() for c in calls} - stop
+        head_leaves, bypass = _autograd.head_leaves(tasks, loss_list, stop, module_ids, internal)
         weights = keep.to(loss_list[0].dtype)
-        blocks = self._blocks(rec, loss_list, weights, batch)
+        blocks = self._blocks(rec, loss_list, weights, batch, two_stage=not bypass)
         covered = {id(slot.param) for b in blocks for slot in b.slots}
         rest = [p for p in self.all_params.values() if id(p) not in covered]
         fallback = tuple(sorted(self.fallback)) if self.backend == "auto" else ()
@@ -231,7 +232,7 @@ class SampleGradients:
             fallback=fallback,
         )
 
-    def _blocks(self, rec: Recording, losses: list[Tensor], weights: Tensor, batch: int) -> list[Block]:
+    def _blocks(self, rec: Recording, losses: list[Tensor], weights: Tensor, batch: int, two_stage: bool) -> list[Block]:
         if self.scope == "output":
             grads = _autograd.task_vjp(losses, rec.outputs, weights)
             g = torch.cat([gr.reshape(gr.shape[0], batch, -1) for gr in grads], -1).to(self.dtype)
@@ -241,7 +242,8 @@ class SampleGradients:
         if self.backend == "batched":
             return _param_blocks(self.params, _autograd.per_sample_batched(losses, list(self.params.values()), weights), self.dtype)
         calls = [call for name in self.layers for call in rec.calls.get(name, [])]
-        grads = _autograd.task_vjp(losses, [c.output for c in calls], weights) if calls else []
+        outputs = rec.outputs if two_stage else None  # a loss that taps a layer directly needs the one-stage path
+        grads = _autograd.task_vjp(losses, [c.output for c in calls], weights, outputs) if calls else []
         per_layer: dict[str, list[list[Block]]] = {}
         options = {"dtype": self.dtype, "strategy": self.strategy, "memory_cap": self.memory_cap}
         for call, grad in zip(calls, grads):
