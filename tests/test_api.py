@@ -297,3 +297,17 @@ def test_loss_that_taps_an_inner_layer_is_still_exact():
         z = encoder(x)
     losses = {"a": z.pow(2).sum(1), "b": torch.sin(encoder.hidden).sum(1) + z.sum(1)}
     compare_stats(probe.compute(losses), oracle_stats(losses, list(encoder.parameters())))
+
+
+def test_gramian_is_the_gram_matrix_of_the_mean_gradients():
+    encoder, heads, x, y, target = _model()
+    probe = sgs_lab.SampleGradients(encoder)
+    mask = torch.tensor([True, True, False, True, True, True, True])
+    with probe.capture():
+        z = encoder(x)
+    losses = _losses(heads, z, y, target)
+    stats = probe.compute(losses, masks={"right": mask})
+    means = [torch.autograd.grad(losses["left"].mean(), list(encoder.parameters()), retain_graph=True),
+             torch.autograd.grad(losses["right"][mask].mean(), list(encoder.parameters()), retain_graph=True)]
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in m]) for m in means])
+    assert torch.allclose(stats.gramian, flat @ flat.T, rtol=1e-10, atol=1e-14)

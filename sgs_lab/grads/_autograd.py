@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -66,23 +68,40 @@ def per_sample_loop(losses: list[Tensor], params: list[Tensor], weights: Tensor)
     return out
 
 
-def head_leaves(
-    tasks, losses: list[Tensor], stop: set, module_param_ids: set[int], internal: set
-) -> tuple[list[Tensor], bool]:
-    """Leaves the losses reach without passing through the module's output nodes ``stop`` (the heads), and
-    whether a loss reaches one of the ``internal`` nodes (captured layer outputs) other than through the outputs.
+@dataclass
+class GraphFacts:
+    """What one walk of the loss graph tells: the heads' leaves, how often each rule-covered parameter is consumed,
+    whether a loss taps a captured layer output other than through the module's outputs, and whether one module
+    output is computed from another."""
 
-    Also checks that every loss reaches the captured forward at all.
-    """
+    head_leaves: list[Tensor]
+    consumers: dict[int, int]
+    bypass: bool
+    chained_outputs: bool
+
+
+def _walk(roots, stop=frozenset()):
+    """Iterate over the autograd nodes reachable from ``roots`` without expanding nodes in ``stop``."""
+    seen, todo = set(), list(roots)
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        if node not in stop:
+            todo.extend(next_node for next_node, _ in node.next_functions)
+
+
+def inspect_graph(
+    tasks, losses: list[Tensor], outputs: list[Tensor], module_param_ids: set[int], internal: set, watched: set[int]
+) -> GraphFacts:
+    stop = {z.grad_fn for z in outputs if z.grad_fn is not None}
     leaves: dict[int, Tensor] = {}
     bypass = False
     for task, loss in zip(tasks, losses):
-        seen, todo, reached = set(), [loss.grad_fn], False
-        while todo:
-            node = todo.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        reached = False
+        for node in _walk([loss.grad_fn], stop):
             if node in stop:
                 reached = True
                 continue
@@ -90,10 +109,19 @@ def head_leaves(
             variable = getattr(node, "variable", None)  # AccumulateGrad holds its leaf
             if variable is not None and id(variable) not in module_param_ids:
                 leaves[id(variable)] = variable
-            todo.extend(next_node for next_node, _ in node.next_functions)
         if not reached:
             raise ValueError(
                 f"loss {task!r} is not connected to the captured forward: compute it from the module's output "
                 "produced inside `with probe.capture():`"
             )
-    return list(leaves.values()), bypass
+    consumers: dict[int, int] = {}
+    for node in _walk([loss.grad_fn for loss in losses]):
+        for next_node, _ in node.next_functions:
+            variable = getattr(next_node, "variable", None)
+            if variable is not None and id(variable) in watched:
+                consumers[id(variable)] = consumers.get(id(variable), 0) + 1
+    chained = False
+    if len(stop) > 1:
+        for z in stop:
+            chained = chained or any(node in stop and node is not z for node in _walk(n for n, _ in z.next_functions))
+    return GraphFacts(list(leaves.values()), consumers, bypass, chained)

@@ -15,7 +15,7 @@ from . import _autograd
 from ._blocks import DEFAULT_MEMORY_CAP, Block, MaterialisedBlock, ParamSlot, merge_blocks
 from .hooks import Recording, record
 from .references import REFERENCES, EMAReference
-from .rules import build_blocks, covered_params
+from .rules import _BLOCK_RULES, build_blocks, covered_params
 from .stats import GradStats, assemble, module_dtype
 
 BACKENDS = ("auto", "ghost", "batched", "loop")
@@ -202,19 +202,26 @@ class SampleGradients:
         elif not isinstance(reference, EMAReference):
             raise ValueError(f"reference must be one of {list(REFERENCES)} or an EMAReference; got {reference!r}")
         rec.check_unchanged()
-        stop = {z.grad_fn for z in rec.outputs if z.grad_fn is not None}
-        module_ids = {id(p) for p in self.module.parameters()}
-        internal = {c.output.grad_fn for calls in rec.calls.values() for c in calls} - stop
-        head_leaves, bypass = _autograd.head_leaves(tasks, loss_list, stop, module_ids, internal)
+        facts = _autograd.inspect_graph(
+            tasks,
+            loss_list,
+            rec.outputs,
+            {id(p) for p in self.module.parameters()},
+            internal={c.output.grad_fn for calls in rec.calls.values() for c in calls},
+            watched={id(getattr(self.layers[name], n)) for name in self.layers for n in self.layer_params[name]},
+        )
+        if self.scope == "output" and facts.chained_outputs:
+            raise ValueError(
+                'scope="output" needs independent outputs, but one output of the module is computed from another: '
+                "return only the last one, or use scope=\"all\""
+            )
         weights = keep.to(loss_list[0].dtype)
-        blocks = self._blocks(rec, loss_list, weights, batch, two_stage=not bypass)
+        blocks, fallback = self._blocks(rec, loss_list, weights, batch, facts)
         covered = {id(slot.param) for b in blocks for slot in b.slots}
-        rest = [p for p in self.all_params.values() if id(p) not in covered]
-        fallback = tuple(sorted(self.fallback)) if self.backend == "auto" else ()
         if fallback and not self._warned:
             self._warned = True
             warnings.warn(
-                f"no per-layer rule for {list(fallback)}: computed by batched autograd (exact, slower); "
+                f"no per-layer rule applies to {list(fallback)}: computed by batched autograd (exact, slower); "
                 "see sgs_lab.register_grad_rule",
                 SGSFallbackWarning,
                 stacklevel=2,
@@ -227,44 +234,56 @@ class SampleGradients:
             reference=reference,
             losses=loss_list,
             dtype=self.dtype,
-            autograd_leaves=rest,
-            head_leaves=head_leaves,
+            autograd_leaves=[p for p in self.all_params.values() if id(p) not in covered],
+            head_leaves=facts.head_leaves,
             fallback=fallback,
         )
 
-    def _blocks(self, rec: Recording, losses: list[Tensor], weights: Tensor, batch: int, two_stage: bool) -> list[Block]:
+    def _blocks(self, rec: Recording, losses: list[Tensor], weights: Tensor, batch: int, facts) -> tuple[list, tuple]:
+        """Blocks for the parameters in scope, and the names of those computed by batched autograd."""
         if self.scope == "output":
             grads = _autograd.task_vjp(losses, rec.outputs, weights)
             g = torch.cat([gr.reshape(gr.shape[0], batch, -1) for gr in grads], -1).to(self.dtype)
-            return [MaterialisedBlock("output", g, [])]
-        if self.backend == "loop":
-            return _param_blocks(self.params, _autograd.per_sample_loop(losses, list(self.params.values()), weights), self.dtype)
-        if self.backend == "batched":
-            return _param_blocks(self.params, _autograd.per_sample_batched(losses, list(self.params.values()), weights), self.dtype)
-        calls = [call for name in self.layers for call in rec.calls.get(name, [])]
-        outputs = rec.outputs if two_stage else None  # a loss that taps a layer directly needs the one-stage path
+            return [MaterialisedBlock("output", g, [])], ()
+        if self.backend in ("loop", "batched"):
+            per_sample = _autograd.per_sample_loop if self.backend == "loop" else _autograd.per_sample_batched
+            return _param_blocks(self.params, per_sample(losses, list(self.params.values()), weights), self.dtype), ()
+        # a rule sees only its own layer's calls: a parameter that also reaches the losses another way (weight
+        # tying through a functional op, a head reusing it) or whose layer never ran goes to batched autograd
+        names, missing = {}, dict(self.fallback)
+        for name, layer in self.layers.items():
+            calls = len(rec.calls.get(name, []))
+            names[name] = set()
+            for n in self.layer_params[name]:
+                param = getattr(layer, n)
+                builtin = type(layer) in _BLOCK_RULES
+                if calls == 0 or (builtin and facts.consumers.get(id(param), 0) != calls):
+                    missing[f"{name}.{n}" if name else n] = param
+                else:
+                    names[name].add(n)
+        if self.backend == "ghost" and missing:
+            raise ValueError(
+                f'backend="ghost": no rule applies to {sorted(missing)} (used outside its layer, or its layer never '
+                'ran); use backend="auto"'
+            )
+        calls = [call for name in self.layers if names[name] for call in rec.calls.get(name, [])]
+        # two stages (heads once each) unless a loss taps a layer directly or one output feeds another
+        outputs = None if facts.bypass or facts.chained_outputs else rec.outputs
         grads = _autograd.task_vjp(losses, [c.output for c in calls], weights, outputs) if calls else []
         per_layer: dict[str, list[list[Block]]] = {}
         options = {"dtype": self.dtype, "strategy": self.strategy, "memory_cap": self.memory_cap}
         for call, grad in zip(calls, grads):
             if call.output.shape[0] != batch:
                 raise ValueError(
-                    f"layer {call.key!r} saw a batch of {call.output.shape[0]} but the losses have {batch} samples"
+                    f"layer {call.key!r} saw a batch of {call.output.shape[0]} but the losses have {batch} samples; "
+                    "the engine expects batch-first tensors in every layer (use batch_first=True layouts)"
                 )
-            per_layer.setdefault(call.key, []).append(build_blocks(call, grad, self.layer_params[call.key], options))
+            per_layer.setdefault(call.key, []).append(build_blocks(call, grad, names[call.key], options))
         blocks = [b for parts in per_layer.values() for b in merge_blocks(parts)]
-        # a layer with a rule that never ran (e.g. its weight used functionally) falls back to autograd too
-        silent = {
-            f"{name}.{n}" if name else n: getattr(layer, n)
-            for name, layer in self.layers.items()
-            if name not in rec.calls
-            for n in self.layer_params[name]
-        }
-        missing = {**self.fallback, **silent}
         if missing:
             grads = _autograd.per_sample_batched(losses, list(missing.values()), weights)
             blocks += _param_blocks(missing, grads, self.dtype)
-        return blocks
+        return blocks, tuple(sorted(missing))
 
     # -- validation --------------------------------------------------------------------------------------------
     def _check_losses(self, losses) -> tuple[tuple[str, ...], list[Tensor], int]:

@@ -18,9 +18,11 @@ REFERENCES = ("batch", "loo", "class")
 class EMAReference:
     """An exponential moving average of each task's mean gradient, carried across ``compute()`` calls.
 
-    At step k the reference is R_k = decay · R_{k−1} + (1 − decay) · ḡ_t(k), with R_1 = ḡ_t(1), so the first step
-    equals the ``batch`` reference. It lives in the per-layer parameter space of the probe that fills it: reuse one
-    object with one probe (same layers, same tasks). ``state_dict()``/``load_state_dict()`` checkpoint it.
+    At step k the reference is R_k = decay · R_{k−1} + (1 − decay) · ḡ_t(k), with R = ḡ_t at a task's first step
+    with labelled samples, so that step equals the ``batch`` reference; a step without labelled samples leaves a
+    task's reference as it was. It lives in the per-layer parameter space of the probe that fills it: reuse one
+    object with one probe (same layers, same tasks). Every ``compute()`` or ``stats.similarity()`` that receives
+    it advances it by one step. ``state_dict()``/``load_state_dict()`` checkpoint it.
     """
 
     def __init__(self, decay: float = 0.9):
@@ -28,6 +30,7 @@ class EMAReference:
             raise ValueError(f"EMAReference decay must lie in [0, 1); got {decay}")
         self.decay = decay
         self.state: dict[str, Tensor] = {}
+        self.started: Tensor | None = None  # (T,) bool: the task has had labelled samples
         self.tasks: tuple[str, ...] | None = None
         self.steps = 0
 
@@ -44,33 +47,35 @@ class EMAReference:
                 "this EMAReference was filled by a probe over other layers; use one EMAReference per probe "
                 f"(known: {sorted(self.state)[:4]}…, now: {sorted(keys)[:4]}…)"
             )
+        started = torch.zeros_like(counts, dtype=torch.bool) if self.started is None else self.started.to(counts.device)
         for block in blocks:
             sums = block.batch_sums()
-            n = counts.to(sums.dtype).clamp(min=1).reshape(-1, *([1] * (sums.dim() - 1)))
-            mean = sums / n
-            prev = self.state.get(block.key)
-            if prev is None:
-                self.state[block.key] = mean.clone()
-            else:  # a task with no labelled sample this step keeps its reference
-                has = (counts > 0).reshape(n.shape)
-                self.state[block.key] = torch.where(has, self.decay * prev.to(mean) + (1 - self.decay) * mean, prev)
+            shape = (-1, *([1] * (sums.dim() - 1)))
+            mean = sums / counts.to(sums.dtype).clamp(min=1).reshape(shape)
+            prev = self.state.get(block.key, torch.zeros_like(mean)).to(mean)
+            blended = torch.where(started.reshape(shape), self.decay * prev + (1 - self.decay) * mean, mean)
+            self.state[block.key] = torch.where((counts > 0).reshape(shape), blended, prev)
+        self.started = started | (counts > 0)
         self.tasks = tuple(tasks)
         self.steps += 1
         return self.state
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "steps": self.steps, "tasks": self.tasks, "state": dict(self.state)}
+        return {
+            "decay": self.decay, "steps": self.steps, "tasks": self.tasks, "started": self.started, "state": dict(self.state)
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.steps = state["decay"], state["steps"]
         self.tasks = tuple(state["tasks"]) if state["tasks"] is not None else None
-        self.state = dict(state["state"])
+        self.started, self.state = state["started"], dict(state["state"])
 
 
 def _safe_cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
-    """dot / (‖a‖‖b‖), and 0 where either norm is 0."""
+    """dot / (‖a‖‖b‖) in [−1, 1] (rounding can step past ±1), and 0 where either norm is 0."""
     denom = (sq_a.clamp(min=0) * sq_b.clamp(min=0)).sqrt()
-    return torch.where(denom > 0, dot / denom.where(denom > 0, torch.ones_like(denom)), torch.zeros_like(dot))
+    cosine = (dot / denom.where(denom > 0, torch.ones_like(denom))).clamp(-1.0, 1.0)
+    return torch.where(denom > 0, cosine, torch.zeros_like(dot))
 
 
 def _leave_one_out(group_dot: Tensor, group_sq: Tensor, sq: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:

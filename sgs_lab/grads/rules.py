@@ -76,6 +76,8 @@ def covered_params(layer: nn.Module) -> set[str]:
     """Local names of the parameters of ``layer`` that a rule computes (empty when none applies)."""
     if parametrize.is_parametrized(layer):  # the rule would see the computed weight, not the parameters
         return set()
+    if isinstance(layer, nn.Embedding) and (layer.scale_grad_by_freq or layer.sparse):
+        return set()  # frequency scaling couples the samples of a batch; sparse gradients take the autograd path
     names = {name for name, _ in layer.named_parameters(recurse=False)}
     if type(layer) in _BLOCK_RULES:
         return names & {"weight", "bias"}

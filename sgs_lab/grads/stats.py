@@ -28,6 +28,7 @@ class GradStats:
         tasks: task names, in the order of the ``losses`` given to ``compute``.
         cosine, dot, norm, ref_norm: (T, B) — cos(g_{t,i}, R_{t,i}), ⟨g_{t,i}, R_{t,i}⟩, ‖g_{t,i}‖, ‖R_{t,i}‖.
         task_cosine: (T, T) — cosine between the tasks' (masked) batch-mean gradients.
+        gramian: (T, T) — ⟨ḡ_s, ḡ_t⟩ of those mean gradients (the Gramian that gradient-aggregation methods weigh).
         conflict: (B, T, T) — per-sample cosine between one sample's gradients for two tasks.
         mask: (T, B) bool — which samples count for which task.
         losses: (T, B) — the per-sample losses, detached.
@@ -42,6 +43,7 @@ class GradStats:
     norm: Tensor
     ref_norm: Tensor
     task_cosine: Tensor
+    gramian: Tensor
     conflict: Tensor
     mask: Tensor
     losses: Tensor
@@ -156,6 +158,8 @@ def assemble(
     conflict = torch.where(both, conflict, torch.full_like(conflict, float("nan")))
     gram_diag = torch.diagonal(gram)
     task_cosine = _safe_cosine(gram, gram_diag[:, None], gram_diag[None, :])
+    counts = keep.sum(1).clamp(min=1).to(dtype)
+    gramian = gram / (counts[:, None] * counts[None, :])
     norm = torch.where(keep, sq.clamp(min=0).sqrt(), torch.full_like(sq, float("nan")))
     return GradStats(
         tasks=tasks,
@@ -164,6 +168,7 @@ def assemble(
         norm=norm,
         ref_norm=sim.ref_norm,
         task_cosine=task_cosine,
+        gramian=gramian,
         conflict=conflict,
         mask=keep,
         losses=torch.stack([loss.detach().to(dtype) for loss in losses]),
