@@ -35,6 +35,9 @@ class ParamSlot:
 
 def _add_grad(slot: ParamSlot, grad: Tensor) -> None:
     grad = grad.reshape(slot.shape).to(slot.param.dtype)
+    if slot.param.grad is None and slot.rows == slice(None):
+        slot.param.grad = grad.contiguous()  # a fresh tensor: no zero fill and add
+        return
     if slot.param.grad is None:
         slot.param.grad = torch.zeros_like(slot.param)
     slot.param.grad[slot.rows] += grad
@@ -87,9 +90,9 @@ class MaterialisedBlock(Block):
         out = []
         for t in range(self.tasks):
             sums = _group_sums(self.g[t], ids[t], n_groups)  # (K, D)
-            own = sums[ids[t].clamp(min=0)]  # (B, D)
-            out.append((self.g[t] * own).sum(1) * (ids[t] >= 0))
-        return torch.stack(out)
+            every = self.g[t] @ sums.T  # (B, K): each sample against every group's sum
+            out.append(every.gather(1, ids[t].clamp(min=0)[:, None]).squeeze(1))
+        return torch.stack(out) * (ids >= 0)
 
     def batch_sums(self) -> Tensor:
         return self.g.sum(1)
@@ -107,11 +110,16 @@ class MaterialisedBlock(Block):
 
 
 class DenseBlock(Block):
-    """A layer y_{i,p} = W a_{i,p} (+ b) at positions p: G_{t,i} = Σ_p δ_{t,i,p} a_{i,p}ᵀ, never formed unless cheaper.
+    """A layer y_{i,p} = W a_{i,p} (+ b) at positions p: G_{t,i} = Σ_p δ_{t,i,p} a_{i,p}ᵀ, formed only where cheaper.
 
     ``a`` (B, P, d_in) holds the inputs (a trailing column of ones stands for the bias), ``d`` (T, B, P, d_out) the
-    output gradients. Strategy ``gram`` contracts through the position Gram AAᵀ ((BP)² floats, DESIGN §3);
-    ``materialise`` forms per-sample gradients in chunks under ``memory_cap`` bytes.
+    output gradients. Two strategies (DESIGN §3), picked per layer by cost unless forced:
+
+    - ``gram``: through the position Gram AAᵀ ((BP)² floats, only where that fits under ``memory_cap``);
+      per-sample norms by the ghost norm ⟨A_iA_iᵀ, Δ_iΔ_iᵀ⟩ (closed form ‖a_i‖²‖δ_i‖² when P = 1);
+    - ``materialise``: in parameter space — reference sums S = Σ δᵀa (a weight gradient), dots ⟨G_i, S⟩ =
+      Σ_p δ_{i,p}ᵀ S a_{i,p}; for P > 1 the per-sample gradients are formed (in chunks under ``memory_cap``)
+      to get norms and conflicts, and kept when the whole batch fits.
     """
 
     def __init__(
@@ -123,28 +131,33 @@ class DenseBlock(Block):
         strategy: str = "auto",
         memory_cap: int = DEFAULT_MEMORY_CAP,
     ):
-        self.key, self.a, self.d, self.slots = key, a, d, slots
+        self.key, self.slots = key, slots
+        self.a, self.d = a.contiguous(), d.contiguous()  # reshaped many times below: copy once if need be
         self.tasks, self.batch, self.positions, self.d_out = d.shape
         self.d_in = a.shape[2]
         self.memory_cap, self.requested = memory_cap, strategy
         self.strategy = self.choose_strategy(strategy)
         self._aa: Tensor | None = None  # gram: (BP, BP)
         self._aa_d: Tensor | None = None  # gram: AAᵀ Δ, (T, BP, d_out)
-        self._g: Tensor | None = None  # materialise: per-sample gradients when one chunk holds the batch
+        self._g: Tensor | None = None  # materialise, P > 1: per-sample gradients when one chunk holds the batch
         self._sums: Tensor | None = None  # (T, d_out, d_in)
 
     def choose_strategy(self, strategy: str) -> str:
+        bp, P, T = self.batch * self.positions, self.positions, self.tasks
+        if bp * bp * self.a.element_size() > self.memory_cap:
+            return "materialise"  # the Gram matrix alone would not fit
         if strategy != "auto":
             return strategy
-        bp, T = self.batch * self.positions, self.tasks
-        gram_bytes = bp * bp * self.a.element_size()
-        if gram_bytes > self.memory_cap:
-            return "materialise"
-        gram_cost = bp * bp * (self.d_in + T * self.d_out) + self.batch * self.positions**2 * (self.d_in + T * T * self.d_out)
-        materialise_cost = 2 * T * bp * self.d_in * self.d_out
+        weight = self.d_in * self.d_out
+        gram_cost = bp * bp * (self.d_in + T * self.d_out)
+        if P == 1:
+            materialise_cost = 2 * T * self.batch * weight
+        else:
+            gram_cost += self.batch * P * P * (self.d_in + T * T * self.d_out)
+            materialise_cost = T * bp * weight + 2 * T * self.batch * weight
         return "gram" if gram_cost <= materialise_cost else "materialise"
 
-    # -- shared pieces -----------------------------------------------------------------------------------------
+    # -- per-sample norms and conflicts ------------------------------------------------------------------------
     def cross(self) -> Tensor:
         if self.positions == 1:  # ⟨G_s, G_t⟩ = ‖a‖² (δ_s·δ_t)
             a_sq = self.a[:, 0].pow(2).sum(-1)  # (B,)
@@ -160,6 +173,22 @@ class DenseBlock(Block):
             out[lo:hi] = torch.einsum("sbx,tbx->bst", flat, flat)
         return out
 
+    def _chunks(self):
+        """Yield (lo, hi, G) with G (T, hi−lo, d_out, d_in); a batch that fits in one chunk is formed once."""
+        if self._g is not None:
+            yield 0, self.batch, self._g
+            return
+        per_sample = self.tasks * self.d_in * self.d_out * self.a.element_size()
+        chunk = max(1, min(self.batch, self.memory_cap // max(per_sample, 1)))
+        for lo in range(0, self.batch, chunk):
+            hi = min(lo + chunk, self.batch)
+            a = self.a[lo:hi]
+            g = torch.stack([self.d[t, lo:hi].transpose(1, 2) @ a for t in range(self.tasks)])  # no layout copies
+            if chunk == self.batch:
+                self._g = g
+            yield lo, hi, g
+
+    # -- references --------------------------------------------------------------------------------------------
     def _flat_d(self) -> Tensor:
         return self.d.reshape(self.tasks, self.batch * self.positions, self.d_out)  # (T, BP, d_out)
 
@@ -168,22 +197,20 @@ class DenseBlock(Block):
             if self._g is not None:
                 self._sums = self._g.sum(1)
             else:
-                self._sums = torch.einsum("tno,ni->toi", self._flat_d(), self.a.reshape(-1, self.d_in))
+                self._sums = self._flat_d().transpose(1, 2) @ self.a.reshape(-1, self.d_in)
         return self._sums  # (T, d_out, d_in)
 
-    def ref_dots(self, ref: Tensor) -> Tensor:
-        # ⟨G_i, R⟩ = Σ_p δ_{i,p}ᵀ R a_{i,p}
-        ra = torch.einsum("toi,bpi->tbpo", ref, self.a)
-        return (ra * self.d).sum((2, 3))
+    def _dots_with(self, refs: Tensor, t: int, members: Tensor | None = None) -> Tensor:
+        """⟨G_{t,i}, R⟩ for samples ``members`` (all when None) against one (d_out, d_in) reference."""
+        if self._g is not None:
+            g = self._g[t] if members is None else self._g[t, members]
+            return g.flatten(1) @ refs.flatten()
+        d = self.d[t] if members is None else self.d[t, members]
+        a = self.a if members is None else self.a[members]
+        return ((d @ refs) * a).sum((1, 2))  # Σ_p δ_pᵀ R a_p
 
-    def accumulate_grad(self, coef: Tensor) -> None:
-        d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0).reshape(-1, self.d_out)
-        grad = d.T @ self.a.reshape(-1, self.d_in)  # (d_out, d_in)
-        start = 0
-        for slot in self.slots:
-            n = slot.shape.numel() // self.d_out
-            _add_grad(slot, grad[:, start : start + n])
-            start += n
+    def ref_dots(self, ref: Tensor) -> Tensor:
+        return torch.stack([self._dots_with(ref[t], t) for t in range(self.tasks)])
 
     def task_gram(self) -> Tensor:
         if self.strategy == "gram":
@@ -193,7 +220,27 @@ class DenseBlock(Block):
     def group_dots(self, ids: Tensor, n_groups: int) -> Tensor:
         if self.strategy == "gram":
             return self._gram_group_dots(ids, n_groups)
-        return self._materialised_group_dots(ids, n_groups)
+        out = self.d.new_zeros((self.tasks, self.batch))
+        for t in range(self.tasks):
+            if n_groups == 1:  # masked samples carry zero δ: the batch sum is the group sum
+                out[t] = self._dots_with(self.batch_sums()[t], t)
+                continue
+            for k in range(n_groups):
+                members = (ids[t] == k).nonzero().squeeze(1)
+                if len(members):
+                    d_k = self.d[t, members].reshape(-1, self.d_out)
+                    s_k = d_k.T @ self.a[members].reshape(-1, self.d_in)
+                    out[t, members] = self._dots_with(s_k, t, members)
+        return out * (ids >= 0)
+
+    def accumulate_grad(self, coef: Tensor) -> None:
+        d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0).reshape(-1, self.d_out)
+        grad = d.T @ self.a.reshape(-1, self.d_in)  # (d_out, d_in)
+        start = 0
+        for slot in self.slots:
+            n = slot.shape.numel() // self.d_out
+            _add_grad(slot, grad[:, start : start + n])
+            start += n
 
     # -- gram strategy -----------------------------------------------------------------------------------------
     def _gram_aa(self) -> Tensor:
@@ -221,42 +268,11 @@ class DenseBlock(Block):
             out.append((d[t] * aa_d).sum(-1).reshape(self.batch, p).sum(1))
         return torch.stack(out) * (ids >= 0)
 
-    # -- materialise strategy ----------------------------------------------------------------------------------
-    def _chunks(self):
-        """Yield (lo, hi, G) with G (T, hi−lo, d_out, d_in); a batch that fits in one chunk is formed once."""
-        if self._g is not None:
-            yield 0, self.batch, self._g
-            return
-        per_sample = self.tasks * self.d_in * self.d_out * self.a.element_size()
-        chunk = max(1, min(self.batch, self.memory_cap // max(per_sample, 1)))
-        for lo in range(0, self.batch, chunk):
-            hi = min(lo + chunk, self.batch)
-            g = torch.einsum("tbpo,bpi->tboi", self.d[:, lo:hi], self.a[lo:hi])
-            if chunk == self.batch:
-                self._g = g
-            yield lo, hi, g
-
-    def _materialised_group_dots(self, ids: Tensor, n_groups: int) -> Tensor:
-        if n_groups == 1:
-            sums = self.batch_sums()[:, None]  # (T, 1, d_out, d_in)
-        elif self._g is not None:
-            sums = torch.stack([_group_sums(self._g[t], ids[t], n_groups) for t in range(self.tasks)])
-        else:
-            sums = self.d.new_zeros((self.tasks, n_groups, self.d_out, self.d_in))
-            for t in range(self.tasks):
-                for k in range(n_groups):
-                    idx = (ids[t] == k).nonzero().squeeze(1)
-                    sums[t, k] = self.d[t, idx].reshape(-1, self.d_out).T @ self.a[idx].reshape(-1, self.d_in)
-        out = self.d.new_zeros((self.tasks, self.batch))
-        for lo, hi, g in self._chunks():
-            for t in range(self.tasks):
-                own = sums[t][ids[t, lo:hi].clamp(min=0)]  # (b, d_out, d_in)
-                out[t, lo:hi] = (g[t] * own).sum((1, 2))
-        return out * (ids >= 0)
-
 
 class EmbeddingBlock(Block):
     """An embedding lookup: G_{t,i} = Σ_p e_{idx_{i,p}} δ_{t,i,p}ᵀ, a sparse (V, d) matrix per sample."""
+
+    strategy = "scatter"
 
     def __init__(self, key: str, idx: Tensor, d: Tensor, slot: ParamSlot, num_embeddings: int):
         self.key, self.idx, self.d, self.slots, self.vocab = key, idx, d, [slot], num_embeddings

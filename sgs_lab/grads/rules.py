@@ -111,16 +111,28 @@ def _user_blocks(call: Call, grad_output: Tensor, names: set[str], options: dict
     return [MaterialisedBlock(call.key, g.to(options["dtype"]), slots)]
 
 
-def _dense(call: Call, key: str, x: Tensor, d: Tensor, weight, bias, names, options, rows=slice(None)) -> DenseBlock:
-    """x (B, P, d_in), d (T, B, P, d_out) → a DenseBlock over the weight and/or bias rows in scope."""
-    parts, slots = [], []
+def _dense(
+    call: Call, key: str, x: Tensor, d: Tensor, weight, bias, names, options, rows=slice(None), prepared=False
+) -> DenseBlock:
+    """x (B, P, d_in), d (T, B, P, d_out) → a DenseBlock over the weight and/or bias rows in scope.
+
+    ``prepared``: x already carries the column of ones for the bias when the bias is in scope.
+    """
+    slots = []
     if "weight" in names:
-        parts.append(x)
         slots.append(ParamSlot(weight, weight[rows].shape, rows))
     if "bias" in names and bias is not None:
-        parts.append(x.new_ones(x.shape[:2] + (1,)))
         slots.append(ParamSlot(bias, bias[rows].shape, rows))
-    a = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+    if prepared:
+        a = x
+    elif len(slots) == 2:  # weight and bias: one copy of x with a column of ones
+        a = x.new_empty(x.shape[:2] + (x.shape[2] + 1,))
+        a[..., :-1] = x
+        a[..., -1] = 1
+    elif "weight" in names:
+        a = x.contiguous()
+    else:
+        a = x.new_ones(x.shape[:2] + (1,))
     return DenseBlock(key, a, d, slots, options["strategy"], options["memory_cap"])
 
 
@@ -160,11 +172,14 @@ def conv_rule(call: Call, grad_output: Tensor, names: set, options: dict) -> lis
     if x.dim() == dims + 1:  # unbatched input
         raise ValueError(f"layer {call.key!r} got an unbatched input of shape {tuple(x.shape)}; pass (B, C, ...)")
     x, kernel, stride, dilation = _conv_input(layer, x, dims)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·kh·kw, L)
     batch, groups, tasks = x.shape[0], layer.groups, grad_output.shape[0]
-    cols = cols.reshape(batch, groups, -1, cols.shape[-1]).transpose(2, 3)  # (B, G, L, C_in/G·kh·kw)
+    weight_bytes = tasks * batch * layer.weight.numel() * x.element_size()
+    if groups == 1 and options["strategy"] != "gram" and weight_bytes <= options["memory_cap"]:
+        return [_conv_materialised(call, x, grad_output.to(dtype), kernel, stride, dilation, names)]
     d = grad_output.to(dtype).reshape(tasks, batch, groups, layer.out_channels // groups, -1)
     d = d.transpose(3, 4)  # (T, B, G, L, C_out/G)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·kh·kw, L)
+    cols = cols.reshape(batch, groups, -1, cols.shape[-1]).transpose(2, 3)  # (B, G, L, C_in/G·kh·kw)
     per_group = layer.out_channels // groups
     blocks = []
     for g in range(groups):
@@ -172,6 +187,37 @@ def conv_rule(call: Call, grad_output: Tensor, names: set, options: dict) -> lis
         key = call.key if groups == 1 else f"{call.key}[group {g}]"
         blocks.append(_dense(call, key, cols[:, g], d[:, :, g], layer.weight, layer.bias, names, options, rows))
     return blocks
+
+
+def _conv_materialised(
+    call: Call, x: Tensor, grad_output: Tensor, kernel, stride, dilation, names: set
+) -> MaterialisedBlock:
+    """Per-sample conv weight gradients without im2col: one grouped convolution of each sample's input with its
+    own output gradients (samples and channels as groups). x (B, C, H, W) padded, grad_output (T, B, C_out, ...)."""
+    layer = call.layer
+    tasks, batch, c_out = grad_output.shape[:3]
+    c_in, oh = x.shape[1], (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    delta = grad_output.reshape(tasks, batch, c_out, oh, -1)  # (T, B, C_out, oh, ow)
+    ow = delta.shape[-1]
+    parts, slots = [], []
+    if "weight" in names:
+        # G[b, o, c, u, v] = Σ_{y,x} δ[b, o, y, x] · x[b, c, y·s + u·dil, x·s + v·dil]: a convolution with
+        # stride ↔ dilation swapped, kernel δ, one group per (sample, input channel)
+        w = delta.permute(1, 0, 2, 3, 4)[:, None].expand(batch, c_in, tasks, c_out, oh, ow)
+        out = F.conv2d(
+            x.reshape(1, batch * c_in, *x.shape[2:]),
+            w.reshape(batch * c_in * tasks * c_out, 1, oh, ow),
+            stride=dilation,
+            dilation=stride,
+            groups=batch * c_in,
+        )[..., : kernel[0], : kernel[1]]  # (1, B·C·T·O, kh, kw)
+        g = out.reshape(batch, c_in, tasks, c_out, kernel[0], kernel[1]).permute(2, 0, 3, 1, 4, 5)
+        parts.append(g.reshape(tasks, batch, -1))  # (T, B, C_out·C_in·kh·kw), the weight's layout
+        slots.append(ParamSlot(layer.weight, layer.weight.shape))
+    if "bias" in names and layer.bias is not None:
+        parts.append(delta.sum((3, 4)))
+        slots.append(ParamSlot(layer.bias, layer.bias.shape))
+    return MaterialisedBlock(call.key, torch.cat(parts, -1) if len(parts) > 1 else parts[0], slots)
 
 
 @_block_rule(nn.Embedding)
