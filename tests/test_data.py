@@ -1,0 +1,95 @@
+"""Bundled task sets and noise injection: sizes, disjoint sources, seeded, ground truth kept."""
+
+import numpy as np
+import pytest
+import torch
+
+from sgs_lab.data import inject_noise, make_digit_attributes, make_multidigits, missing_mask
+
+
+def test_multidigits_shapes_ids_and_seeding():
+    train, test = make_multidigits(300, 100, seed=3)
+    assert train.x.shape == (300, 1, 12, 12) and test.x.shape == (100, 1, 12, 12)
+    assert 0.0 <= float(train.x.min()) and float(train.x.max()) <= 1.0
+    assert list(train.tasks) == ["left", "right"] and train.tasks["left"].n_classes == 10
+    ids = torch.cat([train.sample_id, test.sample_id])
+    assert len(torch.unique(ids)) == 400  # stable ids, unique across the split
+    again, _ = make_multidigits(300, 100, seed=3)
+    assert torch.equal(again.x, train.x) and torch.equal(again.labels["left"], train.labels["left"])
+    other, _ = make_multidigits(300, 100, seed=4)
+    assert not torch.equal(other.x, train.x)
+    x, y = train[5]
+    assert x.shape == (1, 12, 12) and set(y) == {"left", "right"}
+
+
+def test_multidigits_train_and_test_use_disjoint_source_images(monkeypatch):
+    import sgs_lab.data.digits as digits
+
+    n = 1797  # each source image painted with its own index, so a pixel says where a digit came from
+    coded = np.repeat((np.arange(n, dtype=np.float32) + 1)[:, None, None], 8, 1).repeat(8, 2)
+    monkeypatch.setattr(digits, "_digits", lambda: (coded, np.arange(n) % 10))
+    train, test = make_multidigits(400, 400, seed=0, jitter=0)
+
+    def sources(ts):  # corner pixels: only the left digit covers (0, 0), only the right one (10, 10)
+        return set(ts.x[:, 0, 0, 0].long().tolist()) | set(ts.x[:, 0, 10, 10].long().tolist())
+
+    train_src, test_src = sources(train), sources(test)
+    assert train_src.isdisjoint(test_src)
+    assert len(test_src) > 300 and len(train_src) > 500  # both pools really used
+
+
+def test_digit_attributes_are_consistent_with_the_digit():
+    train, test = make_digit_attributes(seed=1)
+    assert len(train) + len(test) == 1797
+    d = train.labels["digit"]
+    assert torch.equal(train.labels["parity"], d % 2)
+    assert torch.equal(train.labels["large"], (d >= 5).long())
+    assert torch.equal(train.labels["loop"], torch.isin(d, torch.tensor([0, 6, 8, 9])).long())
+    assert train.tasks["ink"].kind == "regression" and train.labels["ink"].dtype == torch.float32
+    assert abs(float(train.labels["ink"].mean())) < 1e-4  # standardised on the training split
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "pairflip"])
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.6])
+def test_noise_flips_exactly_the_rate_and_always_changes_the_label(kind, rate):
+    labels = np.random.default_rng(0).integers(0, 10, 1000)
+    noisy, flipped = inject_noise(labels, rate, 10, kind=kind, seed=1)
+    assert flipped.sum() == round(rate * 1000)
+    assert np.array_equal(noisy != labels, flipped)
+    if kind == "pairflip":
+        assert np.array_equal(noisy[flipped], (labels[flipped] + 1) % 10)
+
+
+def test_symmetric_noise_spreads_over_the_other_classes():
+    labels = np.zeros(20000, dtype=np.int64)
+    noisy, flipped = inject_noise(labels, 0.5, 5, seed=0)
+    counts = np.bincount(noisy[flipped], minlength=5)
+    assert counts[0] == 0 and counts[1:].min() > 0.2 * flipped.sum()
+
+
+def test_taskset_noise_keeps_the_ground_truth():
+    train, _ = make_multidigits(500, 50, seed=0)
+    noisy = train.with_noise({"left": 0.4, "right": 0.2}, seed=2)
+    assert torch.equal(noisy.clean["left"], train.labels["left"])
+    assert float(noisy.noisy["left"].float().mean()) == pytest.approx(0.4)
+    assert float(noisy.noisy["right"].float().mean()) == pytest.approx(0.2)
+    assert torch.equal(noisy.labels["left"] != noisy.clean["left"], noisy.noisy["left"])
+    missing = noisy.with_missing({"right": 0.25}, seed=0)
+    assert float((~missing.present["right"]).float().mean()) == pytest.approx(0.25)
+    assert missing.present["left"].all()
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        inject_noise(np.zeros(5, dtype=int), 1.0, 10)
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        inject_noise(np.zeros(5, dtype=int), 0.1, 10, kind="asym")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        missing_mask(5, -0.1)
+    with pytest.raises(ValueError, match="positive sizes"):
+        make_multidigits(0, 10)
+    train, _ = make_digit_attributes()
+    with pytest.raises(ValueError, match="regression task"):
+        train.with_noise({"ink": 0.2})
+    with pytest.raises(ValueError, match="empty"):
+        train.subset(torch.tensor([], dtype=torch.long))
