@@ -319,9 +319,7 @@ def summary(rows: list[dict], markdown: bool) -> str:
             ),
         ]
     out += ["", "Per-layer strategy chosen by the ghost backend (stats.strategies):"]
-    out += [
-        f"{bullet}{r['model']} B={r['B']} T={r['T']}: {r['strategies']}" for r in rows if "strategies" in r
-    ]
+    out += [f"{bullet}{r['model']} B={r['B']} T={r['T']}: {r['strategies']}" for r in rows if "strategies" in r]
     return "\n".join(out)
 
 
@@ -332,9 +330,7 @@ def header(args) -> str:
         f"{torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f} at start"
     )
     if os.getloadavg()[0] + args.threads > os.cpu_count() + 0.5:  # see the module docstring
-        lines.append(
-            "WARNING: the CPUs were busy in the last minute; ratios may be unreliable (try --threads 1)"
-        )
+        lines.append("WARNING: the CPUs were busy in the last minute; ratios may be unreliable (try --threads 1)")
     return "\n".join([title, *(("- " if args.markdown else "  ") + line for line in lines), ""])
 
 

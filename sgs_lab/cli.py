@@ -41,7 +41,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgs-lab", description="Per-sample gradient similarity for multitask learning.")
+    parser = argparse.ArgumentParser(
+        prog="sgs-lab", description="Per-sample gradient similarity for multitask learning."
+    )
     parser.add_argument("--version", action="version", version=f"sgs_lab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="check the engine against the per-sample loop oracle on this machine")

@@ -20,7 +20,9 @@ def per_sample_gradients(losses: dict[str, Tensor], params: Sequence[Tensor]) ->
         task = []
         for i in range(loss.shape[0]):
             grads = torch.autograd.grad(loss[i], list(params), retain_graph=True, allow_unused=True)
-            task.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+            task.append(
+                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+            )
         rows.append(torch.stack(task))
     return torch.stack(rows)
 
@@ -104,7 +106,9 @@ def compare_stats(stats, expected: dict[str, Tensor], atol: float = 1e-6) -> dic
     return errors
 
 
-def check_grad_rule(layer: nn.Module, *inputs: Tensor, tasks: int = 2, atol: float = 1e-6, seed: int = 0) -> dict[str, float]:
+def check_grad_rule(
+    layer: nn.Module, *inputs: Tensor, tasks: int = 2, atol: float = 1e-6, seed: int = 0
+) -> dict[str, float]:
     """Check the rule registered for ``layer`` against the loop oracle, in float64.
 
     Builds per-sample losses of the layer's output for ``tasks`` random tasks, computes every statistic and the

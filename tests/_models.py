@@ -127,9 +127,7 @@ def _make_mask(mode: str, batch: int, gen: torch.Generator) -> torch.Tensor | No
     return mask
 
 
-def attach_tasks(
-    module: nn.Module, x: torch.Tensor, tasks, seed: int, pool: str = "none", extra=None
-) -> Case:
+def attach_tasks(module: nn.Module, x: torch.Tensor, tasks, seed: int, pool: str = "none", extra=None) -> Case:
     """Heads, targets, labels and masks for ``tasks`` (see ``task_specs``) on the module's output."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -190,9 +188,7 @@ def conv_specs(draw, dims: int):
     if isinstance(padding, int) and dims == 2 and draw(st.booleans()):
         padding = (padding, draw(st.integers(0, 2)))  # asymmetric per-dimension padding
     mode = draw(st.sampled_from(["zeros", "reflect", "circular"]))
-    size = tuple(
-        draw(st.integers(max(3, d * (k - 1) + 1), 9 if dims == 1 else 7)) for k, d in zip(kernel, dilation)
-    )
+    size = tuple(draw(st.integers(max(3, d * (k - 1) + 1), 9 if dims == 1 else 7)) for k, d in zip(kernel, dilation))
     bias = draw(st.booleans())
     act = draw(st.sampled_from(sorted(ACTIVATIONS)))
     width = draw(st.integers(1, 6))
@@ -314,9 +310,7 @@ def build_case(spec, tasks, batch: int, seed: int) -> Case:
 # running the engine and the oracle
 def last_layer_params(module: nn.Module) -> list[nn.Parameter]:
     """The last parameterised layer (registration order) — its own trainable parameters."""
-    owners = [
-        m for _, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
+    owners = [m for _, m in module.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad]
 
 
@@ -337,10 +331,7 @@ def engine_stats(case: Case, references=REFS, *, quiet: bool = True, **probe_kwa
             warnings.simplefilter("ignore", sgs_lab.SGSFallbackWarning)
         probe = sgs_lab.SampleGradients(case.module, **probe_kwargs)
         losses = capture(case, probe)
-        return {
-            ref: probe.compute(losses, labels=case.labels, reference=ref, masks=case.masks)
-            for ref in references
-        }
+        return {ref: probe.compute(losses, labels=case.labels, reference=ref, masks=case.masks) for ref in references}
 
 
 def oracle(case: Case, reference: str, params=None, scope: str = "all") -> dict[str, torch.Tensor]:
@@ -350,9 +341,7 @@ def oracle(case: Case, reference: str, params=None, scope: str = "all") -> dict[
         # ∂ℓ_i/∂u for z + u (u = 0, broadcast over the batch) is Σ_j ∂ℓ_i/∂z_j = ∂ℓ_i/∂z_i: samples are
         # independent
         u = torch.zeros(z.shape[1:], dtype=z.dtype, requires_grad=True)
-        return oracle_stats(
-            case.losses(z + u), [u], labels=case.labels, reference=reference, masks=case.masks
-        )
+        return oracle_stats(case.losses(z + u), [u], labels=case.labels, reference=reference, masks=case.masks)
     params = case.module_params() if params is None else params
     return oracle_stats(case.losses(z), params, labels=case.labels, reference=reference, masks=case.masks)
 

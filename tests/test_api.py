@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _model(dtype=torch.float64, bn=False):
     torch.manual_seed(1)
     encoder = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), *([nn.BatchNorm2d(3)] if bn else []), nn.Tanh(), nn.Flatten(),
-        nn.Linear(48, 8), nn.Tanh(),
+        nn.Conv2d(1, 3, 3, padding=1),
+        *([nn.BatchNorm2d(3)] if bn else []),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(48, 8),
+        nn.Tanh(),
     ).to(dtype)
     heads = nn.ModuleDict({"left": nn.Linear(8, 3), "right": nn.Linear(8, 1)}).to(dtype)
     x = torch.randn(7, 1, 4, 4, dtype=dtype)
@@ -70,7 +74,7 @@ def test_backward_equals_autograd(scope, heads_too):
     stats.backward(w, lam, heads=heads_too)
     for p, g in zip(list(encoder.parameters()), want):
         assert torch.allclose(p.grad, g, atol=1e-10, rtol=1e-6)
-    for p, g in zip(list(heads.parameters()), want[len(list(encoder.parameters())):]):
+    for p, g in zip(list(heads.parameters()), want[len(list(encoder.parameters())) :]):
         if heads_too:
             assert torch.allclose(p.grad, g, atol=1e-10, rtol=1e-6)
         else:
@@ -141,7 +145,9 @@ def test_class_reference_of_a_lonely_sample_is_zero():
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 0])  # class 1 has a single sample
     with probe.capture():
         z = encoder(x)
-    stats = probe.compute(_losses(heads, z, labels, target), labels={"left": labels, "right": labels}, reference="class")
+    stats = probe.compute(
+        _losses(heads, z, labels, target), labels={"left": labels, "right": labels}, reference="class"
+    )
     assert stats.cosine[:, 2].eq(0).all() and stats.ref_norm[:, 2].eq(0).all() and stats.dot[:, 2].eq(0).all()
     assert stats.cosine[:, labels != 1].ne(0).all()
 
@@ -162,6 +168,7 @@ def test_user_rule_is_used_and_checked():
             z = check.module(x)
         check.compute({"a": z.sum((1, 2))})
     try:
+
         @sgs_lab.register_grad_rule(Scale)
         def wrong_rule(layer, inputs, grad_output):
             return {"weight": grad_output.sum(1)}  # forgets the input factor
@@ -307,7 +314,9 @@ def test_gramian_is_the_gram_matrix_of_the_mean_gradients():
         z = encoder(x)
     losses = _losses(heads, z, y, target)
     stats = probe.compute(losses, masks={"right": mask})
-    means = [torch.autograd.grad(losses["left"].mean(), list(encoder.parameters()), retain_graph=True),
-             torch.autograd.grad(losses["right"][mask].mean(), list(encoder.parameters()), retain_graph=True)]
+    means = [
+        torch.autograd.grad(losses["left"].mean(), list(encoder.parameters()), retain_graph=True),
+        torch.autograd.grad(losses["right"][mask].mean(), list(encoder.parameters()), retain_graph=True),
+    ]
     flat = torch.stack([torch.cat([g.reshape(-1) for g in m]) for m in means])
     assert torch.allclose(stats.gramian, flat @ flat.T, rtol=1e-10, atol=1e-14)

@@ -35,12 +35,7 @@ configs = st.sampled_from(sorted(CONFIGS))
 scopes = st.sampled_from(["all", "last", "output"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kwargs(config: str, scope: str) -> dict:
@@ -312,9 +307,7 @@ def test_tasks_follow_the_order_of_the_losses(case, config, data):
     idx = torch.tensor([case.tasks.index(t) for t in order])
     for ref in REFS:
         base = probe.compute(losses, labels=case.labels, reference=ref, masks=case.masks)
-        shuffled = probe.compute(
-            {t: losses[t] for t in order}, labels=case.labels, reference=ref, masks=case.masks
-        )
+        shuffled = probe.compute({t: losses[t] for t in order}, labels=case.labels, reference=ref, masks=case.masks)
         assert shuffled.tasks == tuple(order) and base.tasks == tuple(case.tasks)
         want = as_expected(base)
         want = {
@@ -359,8 +352,6 @@ def test_a_duplicated_task_agrees_with_itself(case, config, scope):
     stats = probe.compute({"a": loss, "b": loss})
     _close(stats.cosine[0], stats.cosine[1], "same task, same cosine")
     nonzero = stats.norm[0] > 0
-    _close(
-        stats.conflict[nonzero][:, 0, 1], torch.ones(int(nonzero.sum()), dtype=DTYPE), "conflict with itself"
-    )
+    _close(stats.conflict[nonzero][:, 0, 1], torch.ones(int(nonzero.sum()), dtype=DTYPE), "conflict with itself")
     if (stats.ref_norm[0] > 0).all():
         _close(stats.task_cosine, torch.ones(2, 2, dtype=DTYPE), "task cosine with itself")

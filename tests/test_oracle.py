@@ -48,13 +48,7 @@ batches = st.integers(1, 9)
 seeds = st.integers(0, 2**16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_all_configs(case, configs=tuple(CONFIGS), references=REFS, **probe_kwargs):
@@ -162,9 +156,7 @@ def test_params_glob_matches_oracle(spec, tasks, batch, seed):
 
 
 def test_params_bias_only_and_callable_filter():
-    case = build_case(
-        ("mlp", (3, 5, 4, 2), (True, True, True), "gelu"), [("ce", 2, 2, "random")] * 2, 6, seed=3
-    )
+    case = build_case(("mlp", (3, 5, 4, 2), (True, True, True), "gelu"), [("ce", 2, 2, "random")] * 2, 6, seed=3)
     for pattern, names in (
         ("*.bias", ["0.bias", "2.bias", "4.bias"]),
         (["2.weight", "4.*"], ["2.weight", "4.weight", "4.bias"]),
@@ -227,14 +219,10 @@ def test_backward_with_params_filter(spec, tasks, batch, seed):
 
 
 def test_backward_defaults_are_uniform_weights():
-    case = build_case(
-        ("mlp", (3, 4, 2), (True, False), "tanh"), [("ce", 2, 2, "random"), ("mse", 2, 1, "none")], 5, 1
-    )
+    case = build_case(("mlp", (3, 4, 2), (True, False), "tanh"), [("ce", 2, 2, "random"), ("mse", 2, 1, "none")], 5, 1)
     params = case.module_params() + case.head_params()
     ones = torch.ones(2, case.batch, dtype=DTYPE)
-    want = torch.autograd.grad(
-        weighted_objective(case, case.losses(case.module(case.x)), ones, ones[:, 0]), params
-    )
+    want = torch.autograd.grad(weighted_objective(case, case.losses(case.module(case.x)), ones, ones[:, 0]), params)
     stats = engine_stats(case, ("batch",))["batch"]
     stats.backward()
     for p, g in zip(params, want):
@@ -291,9 +279,7 @@ def test_layer_called_twice_matches_oracle(half, width, bias, tasks, batch, seed
 
 
 @fast(15)
-@given(
-    width=st.integers(1, 6), vocab=st.integers(2, 6), tasks=task_specs(max_tasks=2), batch=batches, seed=seeds
-)
+@given(width=st.integers(1, 6), vocab=st.integers(2, 6), tasks=task_specs(max_tasks=2), batch=batches, seed=seeds)
 def test_tied_parameters_match_oracle(width, vocab, tasks, batch, seed):
     torch.manual_seed(seed)
     module = TiedPair(width, vocab).to(DTYPE)
@@ -341,9 +327,7 @@ def fallback_model(kind: str, width: int):
             "1.shift",
         }
     if kind == "prelu":
-        return nn.Sequential(nn.Linear(3, width), nn.PReLU(width, init=0.1), nn.Linear(width, width)), {
-            "1.weight"
-        }
+        return nn.Sequential(nn.Linear(3, width), nn.PReLU(width, init=0.1), nn.Linear(width, width)), {"1.weight"}
     if kind == "bilinear":
         return BilinearModel(width), {"bil.weight", "bil.bias"}
 
@@ -410,9 +394,7 @@ def _explicit_ema(case_steps, decay):
         ref_norm = ref.norm(dim=1)[:, None].expand_as(dot)
         norm = g.norm(dim=2)
         denom = norm * ref_norm
-        cosine = torch.where(
-            denom > 0, dot / denom.where(denom > 0, torch.ones_like(denom)), torch.zeros_like(dot)
-        )
+        cosine = torch.where(denom > 0, dot / denom.where(denom > 0, torch.ones_like(denom)), torch.zeros_like(dot))
         nan = torch.full_like(dot, float("nan"))
         out.append(
             {
@@ -460,9 +442,7 @@ def test_ema_reference_matches_explicit_average(spec, tasks, batch, seed, decay)
             assert ema.steps == k + 1
             for name, want in expected[k].items():
                 got = getattr(stats, name)
-                assert torch.equal(torch.isnan(got), torch.isnan(want)), (
-                    f"{config} step {k}: {name} NaN pattern"
-                )
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{config} step {k}: {name} NaN pattern"
                 finite = ~torch.isnan(want)
                 scale = max(1.0, float(want[finite].abs().max())) if finite.any() else 1.0
                 err = float((got[finite] - want[finite]).abs().max()) / scale if finite.any() else 0.0
@@ -470,18 +450,14 @@ def test_ema_reference_matches_explicit_average(spec, tasks, batch, seed, decay)
 
 
 def test_ema_first_step_equals_batch_reference():
-    case = build_case(
-        ("mlp", (3, 6, 2), (True, True), "relu"), [("ce", 2, 2, "random"), ("mse", 1, 1, "none")], 7, 5
-    )
+    case = build_case(("mlp", (3, 6, 2), (True, True), "relu"), [("ce", 2, 2, "random"), ("mse", 1, 1, "none")], 7, 5)
     ema = engine_stats(case, (sgs_lab.EMAReference(0.9),))
     (stats,) = ema.values()
     compare_stats(stats, oracle(case, "batch"), atol=ATOL)
 
 
 def test_ema_starts_at_a_tasks_first_labelled_step():
-    case = build_case(
-        ("mlp", (3, 4, 2), (True, True), "tanh"), [("ce", 2, 2, "none"), ("mse", 1, 1, "none")], 4, 0
-    )
+    case = build_case(("mlp", (3, 4, 2), (True, True), "tanh"), [("ce", 2, 2, "none"), ("mse", 1, 1, "none")], 4, 0)
     probe, ema = sgs_lab.SampleGradients(case.module), sgs_lab.EMAReference(0.9)
     for keep in (torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)):
         case.masks = {"task0": keep}
@@ -511,9 +487,7 @@ def _gap_case(kind: str):
         module = TiedDecoder().to(DTYPE)
         case = attach_tasks(module, torch.randint(0, 6, (5, 3)), [("ce", 2, 2, "none")], 0, pool="mean")
     elif kind == "scale_grad_by_freq":
-        module = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(9, 2)).to(
-            DTYPE
-        )
+        module = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(9, 2)).to(DTYPE)
         case = attach_tasks(module, torch.randint(0, 5, (4, 3)), [("mse", 1, 1, "none")], 0)
     else:  # module parameter also used by a head
         module = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).to(DTYPE)
@@ -627,9 +601,7 @@ def _check_two_outputs(width, batch, seed, ref, chained):
 
 
 @fast(25)
-@given(
-    spec=any_model_spec(), tasks=task_specs(max_tasks=2), batch=st.integers(1, 6), seed=seeds, data=st.data()
-)
+@given(spec=any_model_spec(), tasks=task_specs(max_tasks=2), batch=st.integers(1, 6), seed=seeds, data=st.data())
 def test_frozen_parameters_are_left_out(spec, tasks, batch, seed, data):
     case = build_case(spec, tasks, batch, seed)
     names = [n for n, _ in case.module.named_parameters()]
@@ -652,9 +624,7 @@ def test_parametrised_layer_falls_back_exactly():
     module = nn.Sequential(
         nn.Linear(3, 5), nn.Tanh(), nn.utils.parametrizations.weight_norm(nn.Linear(5, 4)), nn.GELU()
     ).to(DTYPE)
-    case = attach_tasks(
-        module, torch.randn(6, 3, dtype=DTYPE), [("ce", 2, 2, "random"), ("mse", 2, 1, "none")], 0
-    )
+    case = attach_tasks(module, torch.randn(6, 3, dtype=DTYPE), [("ce", 2, 2, "random"), ("mse", 2, 1, "none")], 0)
     with pytest.warns(sgs_lab.SGSFallbackWarning):
         stats = engine_stats(case, ("loo",), quiet=False)["loo"]
     assert set(stats.fallback) == {n for n, _ in module.named_parameters() if n.startswith("2.")}
@@ -671,9 +641,7 @@ def test_batchnorm_eval_statistics_match_oracle_in_eval_mode(config):
         module[1].running_mean.normal_()
         module[1].running_var.uniform_(0.5, 2.0)
         module[1].weight.normal_()
-    case = attach_tasks(
-        module, torch.randn(6, 3, dtype=DTYPE), [("ce", 2, 2, "random"), ("mse", 2, 2, "none")], 0
-    )
+    case = attach_tasks(module, torch.randn(6, 3, dtype=DTYPE), [("ce", 2, 2, "random"), ("mse", 2, 2, "none")], 0)
     module.eval()
     expected = {ref: oracle(case, ref) for ref in REFS}
     module.train()

@@ -83,12 +83,21 @@ class TaskSet(Dataset):
         present = dict(self.present)
         for k, (task, rate) in enumerate(rates.items()):
             present[task] = self.present[task] & torch.as_tensor(missing_mask(len(self), rate, seed=seed * 1000 + k))
-        return TaskSet(self.x, dict(self.labels), self.tasks, self.sample_id, dict(self.clean), dict(self.noisy), present)
+        return TaskSet(
+            self.x, dict(self.labels), self.tasks, self.sample_id, dict(self.clean), dict(self.noisy), present
+        )
 
     def subset(self, index: Tensor) -> TaskSet:
-        pick = lambda m: {t: v[index] for t, v in m.items()}  # noqa: E731
+        def pick(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {t: v[index] for t, v in mapping.items()}
+
         return TaskSet(
-            self.x[index], pick(self.labels), self.tasks, self.sample_id[index], pick(self.clean), pick(self.noisy),
+            self.x[index],
+            pick(self.labels),
+            self.tasks,
+            self.sample_id[index],
+            pick(self.clean),
+            pick(self.noisy),
             pick(self.present),
         )
 
@@ -163,6 +172,8 @@ def make_digit_attributes(*, seed: int = 0, test_fraction: float = 0.3) -> tuple
         tasks = {"digit": TaskSpec("classification", 10), "ink": TaskSpec("regression")}
         tasks.update({t: TaskSpec("classification", 2) for t in ("parity", "large", "loop")})
         tasks = {t: tasks[t] for t in labels}
-        return TaskSet(torch.from_numpy(images[index]).unsqueeze(1), labels, tasks, torch.from_numpy(index.astype(np.int64)))
+        return TaskSet(
+            torch.from_numpy(images[index]).unsqueeze(1), labels, tasks, torch.from_numpy(index.astype(np.int64))
+        )
 
     return build(np.sort(train_src)), build(np.sort(test_src))

@@ -9,10 +9,15 @@ from torch import Tensor
 
 
 def _zeros_for_unused(grads, inputs, lead: tuple[int, ...]) -> list[Tensor]:
-    return [torch.zeros(lead + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g for g, x in zip(grads, inputs)]
+    return [
+        torch.zeros(lead + tuple(x.shape), dtype=x.dtype, device=x.device) if g is None else g
+        for g, x in zip(grads, inputs)
+    ]
 
 
-def task_vjp(losses: list[Tensor], inputs: list[Tensor], weights: Tensor, outputs: list[Tensor] | None = None) -> list[Tensor]:
+def task_vjp(
+    losses: list[Tensor], inputs: list[Tensor], weights: Tensor, outputs: list[Tensor] | None = None
+) -> list[Tensor]:
     """∂(Σ_i weights[t,i] ℓ_{t,i})/∂x for every task t and input x, batched over tasks: each (T, *x.shape).
 
     With ``outputs`` (the module's outputs, through which every loss reaches ``inputs``) it goes in two stages:

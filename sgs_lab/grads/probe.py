@@ -147,7 +147,9 @@ class SampleGradients:
                 layer.train()
 
     def _prepare_batchnorm(self) -> list[nn.Module]:
-        batch_stats = [n for n, m in self.module.named_modules() if isinstance(m, _BatchNorm) and not m.track_running_stats]
+        batch_stats = [
+            n for n, m in self.module.named_modules() if isinstance(m, _BatchNorm) and not m.track_running_stats
+        ]
         if batch_stats:
             raise ValueError(
                 f"BatchNorm layer(s) {batch_stats} have track_running_stats=False: they always normalise with batch "
@@ -213,7 +215,7 @@ class SampleGradients:
         if self.scope == "output" and facts.chained_outputs:
             raise ValueError(
                 'scope="output" needs independent outputs, but one output of the module is computed from another: '
-                "return only the last one, or use scope=\"all\""
+                'return only the last one, or use scope="all"'
             )
         weights = keep.to(loss_list[0].dtype)
         blocks, fallback = self._blocks(rec, loss_list, weights, batch, facts)
@@ -296,7 +298,9 @@ class SampleGradients:
                 raise TypeError(f"loss {task!r} is a {type(loss).__name__}, not a tensor")
             if loss.dim() != 1:
                 hint = ' (use reduction="none")' if loss.dim() == 0 else " (squeeze it to (B,))"
-                raise ValueError(f"loss {task!r} must have shape (B,), one value per sample; got {tuple(loss.shape)}{hint}")
+                raise ValueError(
+                    f"loss {task!r} must have shape (B,), one value per sample; got {tuple(loss.shape)}{hint}"
+                )
             sizes[task] = loss.shape[0]
         if len(set(sizes.values())) > 1:
             raise ValueError(f"all tasks must have the same batch size; got {sizes}")
@@ -318,7 +322,9 @@ class SampleGradients:
                 raise ValueError(f"mask for unknown task {task!r}; tasks are {list(tasks)}")
             mask = torch.as_tensor(mask, device=device)
             if mask.dtype != torch.bool or tuple(mask.shape) != (batch,):
-                raise ValueError(f"mask {task!r} must be a bool tensor of shape ({batch},); got {mask.dtype} {tuple(mask.shape)}")
+                raise ValueError(
+                    f"mask {task!r} must be a bool tensor of shape ({batch},); got {mask.dtype} {tuple(mask.shape)}"
+                )
             keep[tasks.index(task)] = mask
         return keep
 
@@ -335,7 +341,9 @@ def check_labels(labels: dict[str, Tensor], tasks: Sequence[str], batch: int, de
         if tuple(y.shape) != (batch,):
             raise ValueError(f"labels {task!r} must have shape ({batch},); got {tuple(y.shape)}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise ValueError(f"labels {task!r} must be integer class ids (got {y.dtype}); the class reference groups by them")
+            raise ValueError(
+                f"labels {task!r} must be integer class ids (got {y.dtype}); the class reference groups by them"
+            )
         if (y < 0).any():
             raise ValueError(f"labels {task!r} contain negative ids; mark missing labels with masks instead")
         out[list(tasks).index(task)] = y.long()

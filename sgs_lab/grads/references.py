@@ -62,7 +62,11 @@ class EMAReference:
 
     def state_dict(self) -> dict:
         return {
-            "decay": self.decay, "steps": self.steps, "tasks": self.tasks, "started": self.started, "state": dict(self.state)
+            "decay": self.decay,
+            "steps": self.steps,
+            "tasks": self.tasks,
+            "started": self.started,
+            "state": dict(self.state),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -107,7 +111,7 @@ def similarity(
         ids = torch.where(keep, torch.zeros_like(keep, dtype=torch.long), torch.full_like(keep, -1, dtype=torch.long))
         n_groups = 1
     group_dot = sum(b.group_dots(ids, n_groups) for b in blocks)  # (T, B): ⟨G_i, S_{k(i)}⟩
-    tasks_n, batch = group_dot.shape
+    tasks_n = group_dot.shape[0]
     own = ids.clamp(min=0)
     group_sq = torch.zeros(tasks_n, n_groups, dtype=sq.dtype, device=sq.device)
     group_sq.scatter_add_(1, own, group_dot * keep)  # ‖S_k‖² = Σ_{i∈k} ⟨G_i, S_k⟩
