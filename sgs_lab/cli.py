@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -40,15 +43,153 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fast() -> bool:
+    return os.environ.get("SGS_LAB_FAST", "") not in ("", "0")
+
+
+def _defaults() -> dict:
+    """Run sizes; SGS_LAB_FAST=1 shrinks them so the demo and tests take seconds."""
+    if _fast():
+        return {"epochs": 3, "train_size": 600, "test_size": 300}
+    return {"epochs": 30, "train_size": 6000, "test_size": 2000}
+
+
+SGS_KNOBS = {  # CLI option → (knob name, type, help)
+    "reference": (str, "what a sample's gradient is compared with: batch | loo | class | ema"),
+    "scope": (str, "where gradients live: all (every encoder parameter) | last (its last layer) | output (z_i)"),
+    "similarity": (str, "cosine (scale-free) | dot"),
+    "sample_rule": (str, "sample weights from similarities: relu | softmax | affine"),
+    "temperature": (float, "softmax sample-rule temperature τ"),
+    "alpha": (float, "affine sample-rule slope α: w = max(0, 1 + α·s)"),
+    "task_rule": (str, "task weights: consistency (softmax of mean similarity) | coherence | none"),
+    "task_temperature": (float, "consistency task-rule temperature τ_T"),
+    "warmup": (int, "epochs with uniform weights before SGS weighting starts"),
+    "ema_decay": (float, "decay of the EMA reference (with --reference ema)"),
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    d = _defaults()
+    parser.add_argument("--noise", type=float, default=0.0, help="symmetric label-noise rate on every task, in [0, 1)")
+    parser.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pairflip"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=d["epochs"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"])
+    parser.add_argument("--train-size", type=int, default=d["train_size"])
+    parser.add_argument("--test-size", type=int, default=d["test_size"])
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 …")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+
+
+def _data(args):
+    from .data import make_multidigits
+
+    train, test = make_multidigits(args.train_size, args.test_size, seed=args.seed)
+    return train.with_noise(args.noise, kind=args.noise_kind, seed=args.seed), test
+
+
+def _config(args, method: str, knobs: dict):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        method=method, knobs=knobs, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, bf16=args.bf16,
+    )  # fmt: skip
+
+
+def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tasks=None):
+    from .train import fit
+
+    train, test = _data(args)
+    if tasks is not None:
+        train, test = train.only(tasks), test.only(tasks)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method, "knobs": knobs, "seed": args.seed, "noise": {t: args.noise for t in train.tasks},
+            "noise_kind": args.noise_kind, "status": "running"}  # fmt: skip
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        result = fit(train, test, _config(args, method, knobs), out=out, resume=resume)
+    except BaseException:
+        meta["status"] = "interrupted"
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        raise
+    meta.update(status="finished", test_metrics=result.test_metrics, seconds=round(result.seconds, 2))
+    meta["test_accuracy"] = {k.split("/")[0]: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return result
+
+
+def _train(args: argparse.Namespace) -> int:
+    knobs = {k: getattr(args, k) for k in SGS_KNOBS if getattr(args, k) is not None}
+    if args.clamp is not None:
+        knobs["clamp"] = tuple(args.clamp)
+    if knobs and args.method != "sgs":
+        raise SystemExit(f"sgs-lab train: {', '.join('--' + k.replace('_', '-') for k in knobs)} apply to --method sgs only")
+    if args.resume:
+        out = Path(args.resume)
+        meta = json.loads((out / "meta.json").read_text())
+        args.method, knobs = meta["method"], meta["knobs"]
+        result = _run(args, args.method, knobs, out, resume=True)
+    else:
+        if args.out is None:
+            raise SystemExit("sgs-lab train: --out DIR is required (or --resume DIR)")
+        result = _run(args, args.method, knobs, Path(args.out))
+    print(json.dumps({"method": args.method, **result.test_metrics, "seconds": round(result.seconds, 1)}, indent=1))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .report import accuracy_figure, weight_figure, write_report
+    from .train import delta_m
+
+    out = Path(args.out)
+    args.noise = 0.4
+    runs, rows = {}, []
+    single = {}
+    for task in ("left", "right"):  # single-task references for Δm%
+        single.update(_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).test_metrics)
+    for method in ("ew", "sgs"):
+        result = _run(args, method, {}, out / method)
+        runs[method] = result
+        accuracy = {k: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
+        rows.append({"method": method, **{k.split("/")[0]: v for k, v in accuracy.items()},
+                     "Δm% vs single-task": delta_m(accuracy, single), "seconds": round(result.seconds, 1)})  # fmt: skip
+    figures = [accuracy_figure({m: r.history for m, r in runs.items()}), weight_figure(runs["sgs"].sink.samples())]
+    report = write_report(out / "report.html", "sgs_lab demo: MultiDigits, 40 % symmetric label noise", rows, figures)
+    width = max(len(c) for c in rows[0])
+    print(" ".join(f"{c:>{width}}" for c in rows[0]))
+    for row in rows:
+        print(" ".join(f"{v:>{width}.3f}" if isinstance(v, float) else f"{v!s:>{width}}" for v in row.values()))
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sgs-lab", description="Per-sample gradient similarity for multitask learning."
-    )
+    from .weighting import METHOD_HELP
+
+    parser = argparse.ArgumentParser(prog="sgs-lab", description="Per-sample gradient similarity for multitask learning.")
     parser.add_argument("--version", action="version", version=f"sgs_lab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="check the engine against the per-sample loop oracle on this machine")
     check.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
     check.set_defaults(run=_check)
+    methods = "; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items())
+    train = commands.add_parser("train", help="one training run on MultiDigits", description=f"Methods — {methods}")
+    train.add_argument("--method", default="ew", choices=list(METHOD_HELP), metavar="M", help="weighting method (see above)")
+    train.add_argument("--out", help="run directory (checkpoint, history, meta.json)")
+    train.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR exactly")
+    _add_run_options(train)
+    sgs = train.add_argument_group("SGS options (DESIGN §2; only with --method sgs)")
+    for knob, (kind, help_text) in SGS_KNOBS.items():
+        sgs.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=kind, default=None, help=help_text)
+    sgs.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"), help="clamp sample weights, renormalise")
+    train.set_defaults(run=_train)
+    demo = commands.add_parser("demo", help="EW vs SGS at 40 %% label noise: runs, report.html and a summary table")
+    demo.add_argument("--out", required=True, help="directory for the runs and report.html")
+    _add_run_options(demo)
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -79,6 +79,14 @@ def test_taskset_noise_keeps_the_ground_truth():
     assert missing.present["left"].all()
 
 
+def test_only_keeps_the_named_tasks():
+    train, _ = make_multidigits(50, 10, seed=0)
+    left = train.with_noise(0.2).only(["left"])
+    assert list(left.tasks) == ["left"] and set(left.labels) == {"left"} and left.noisy["left"].any()
+    with pytest.raises(ValueError, match="unknown task"):
+        train.only(["middle"])
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         inject_noise(np.zeros(5, dtype=int), 1.0, 10)

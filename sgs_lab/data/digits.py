@@ -87,6 +87,20 @@ class TaskSet(Dataset):
             self.x, dict(self.labels), self.tasks, self.sample_id, dict(self.clean), dict(self.noisy), present
         )
 
+    def only(self, tasks) -> TaskSet:
+        """The same samples with only ``tasks`` (for single-task runs)."""
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; tasks are {list(self.tasks)}")
+
+        def pick(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {t: mapping[t] for t in tasks}
+
+        return TaskSet(
+            self.x, pick(self.labels), {t: self.tasks[t] for t in tasks}, self.sample_id, pick(self.clean),
+            pick(self.noisy), pick(self.present),
+        )  # fmt: skip
+
     def subset(self, index: Tensor) -> TaskSet:
         def pick(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
             return {t: v[index] for t, v in mapping.items()}
