@@ -18,14 +18,20 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-DEFAULT_METHODS = ["ew", "sgs", "sgs-all", "sgs-loo", "uw", "pcgrad", "mgda", "imtlg", "famo", "nashmtl"]
+DEFAULT_METHODS = ["ew", "sgs", "sgs-a2-w2", "sgs-relu", "sgs-all", "uw", "pcgrad", "mgda", "imtlg", "famo"]
 # named variants: the method name on the left, its knobs on the right
 VARIANTS = {
-    "sgs-all": ("sgs", {"scope": "all"}),
+    "sgs-a2-w2": ("sgs", {"alpha": 2.0, "warmup": 2}),
+    "sgs-relu": ("sgs", {"sample_rule": "relu", "warmup": 2}),
+    "sgs-all": ("sgs", {"scope": "all", "alpha": 2.0, "warmup": 2}),
     "sgs-loo": ("sgs", {"reference": "loo"}),
     "sgs-class": ("sgs", {"reference": "class"}),
     "sgs-ema": ("sgs", {"reference": "ema"}),
     "sgs-softmax": ("sgs", {"sample_rule": "softmax", "temperature": 0.1}),
+    "sgs-affine4": ("sgs", {"alpha": 4.0}),
+    "sgs-a2-w5": ("sgs", {"alpha": 2.0}),
+    "sgs-a1-w2": ("sgs", {"warmup": 2}),
+    "sgs-notask": ("sgs", {"task_rule": "none"}),
     "sgs-coherence": ("sgs", {"task_rule": "coherence"}),
 }
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     known = set(available_methods())
     methods = [m for m in args.methods if VARIANTS.get(m, (m,))[0] in known]
     for skipped in sorted(set(args.methods) - set(methods)):
-        print(f"skipping {skipped}: not available here (missing optional solver?)", file=sys.stderr)
+        print(f"skipping {skipped}: not available here (see sgs_lab.weighting.available_methods)", file=sys.stderr)
     sizes = {"train": args.train_size, "test": args.test_size, "epochs": args.epochs}
     jobs = [(m, n, s, None, sizes) for n in args.noise for s in range(args.seeds) for m in methods]
     jobs += [("ew", n, s, [t], sizes) for n in args.noise for s in range(args.seeds) for t in ("left", "right")]

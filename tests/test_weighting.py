@@ -182,8 +182,8 @@ def test_task_permutation_equivariant(case):
 def test_repr_and_errors():
     assert repr(make_method("ew")) == "EW(scope='all')"
     assert repr(make_method("sgs", reference="ema", clamp=(0, 3))) == (
-        "SGS(reference='ema', scope='output', similarity='cosine', sample_rule='relu', temperature=1.0, alpha=1.0, "
-        "clamp=(0.0, 3.0), task_rule='consistency', task_temperature=0.5, warmup=2, ema_decay=0.9)"
+        "SGS(reference='ema', scope='output', similarity='cosine', sample_rule='affine', temperature=1.0, alpha=1.0, "
+        "clamp=(0.0, 3.0), task_rule='consistency', task_temperature=0.5, warmup=5, ema_decay=0.9)"
     )
     assert repr(make_method("gradnorm", alpha=1.0)) == "GradNorm(alpha=1.0, lr=0.025, scope='all')"
     assert repr(make_method("fairgrad", alpha=2.0)) == "TorchJDWeighting('fairgrad', scope='all', alpha=2.0)"
@@ -232,7 +232,7 @@ def test_sgs_relu_rule_and_hand_computed_task_weights():
     stats = fake_stats(shape=(2, 4, 3))
     cosine = torch.tensor([[0.5, -0.2, 0.3, 0.0], [-0.1, -0.4, 0.0, -0.3]], dtype=torch.float64)
     stats = dataclasses.replace(stats, cosine=cosine)
-    w, lam = make_method("sgs", warmup=0).weights(stats, epoch=0)
+    w, lam = make_method("sgs", warmup=0, sample_rule="relu").weights(stats, epoch=0)
     torch.testing.assert_close(w[0], torch.tensor([2.5, 0.0, 1.5, 0.0], dtype=torch.float64))
     torch.testing.assert_close(w[1], torch.ones(4, dtype=torch.float64))  # every cosine <= 0: uniform
     torch.testing.assert_close(lam, 2 * torch.softmax(torch.tensor([0.15, -0.2], dtype=torch.float64) / 0.5, 0))
@@ -247,7 +247,7 @@ def test_sgs_relu_rule_and_hand_computed_task_weights():
     # the last sample of task 0 unlabelled: every formula runs over the 3 labelled samples
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     masked = dataclasses.replace(fake_stats(shape=(2, 4, 3), mask=mask), cosine=cosine.masked_fill(~mask, torch.nan))
-    w, lam = make_method("sgs", warmup=0).weights(masked, epoch=0)
+    w, lam = make_method("sgs", warmup=0, sample_rule="relu").weights(masked, epoch=0)
     torch.testing.assert_close(w[0], torch.tensor([1.875, 0.0, 1.125, 0.0], dtype=torch.float64))
     torch.testing.assert_close(lam, 2 * torch.softmax(torch.tensor([0.2, -0.2], dtype=torch.float64) / 0.5, 0))
     _, lam = make_method("sgs", warmup=0, task_rule="coherence").weights(masked, epoch=0)

@@ -6,7 +6,7 @@ Every method is a :class:`Method`; :func:`make_method` builds one from its lower
 >>> from sgs_lab.weighting import make_method
 >>> method = make_method("sgs", warmup=0)
 >>> method
-SGS(reference='batch', scope='output', similarity='cosine', sample_rule='relu', temperature=1.0, alpha=1.0, \
+SGS(reference='batch', scope='output', similarity='cosine', sample_rule='affine', temperature=1.0, alpha=1.0, \
 clamp=None, task_rule='consistency', task_temperature=0.5, warmup=0)
 >>> make_method("upgrad")
 TorchJDWeighting('upgrad', scope='all')

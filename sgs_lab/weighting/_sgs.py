@@ -30,6 +30,10 @@ class SGS(Method):
     - ``"affine"``: :math:`w_{t,i} \propto \max(0, 1 + \alpha s_{t,i})`, renormalised to mean 1 (uniform if all 0);
     - ``clamp=(lo, hi)``: clamp to [lo, hi], then renormalise to mean 1 (the clamp can be exceeded after that).
 
+    The defaults (``affine``, α = 1, 5 warm-up epochs) are what ``benchmarks/robust.py`` found on MultiDigits to
+    beat every baseline at 40 % and 60 % noise while staying within seed spread of EW on clean data; ``relu`` and
+    larger α resist noise more and lose more clean accuracy (README, "Robust training").
+
     Task weights, mean 1:
 
     - ``task_rule="consistency"``: :math:`c_t = \mathrm{mean}_i s_{t,i}`,
@@ -55,13 +59,13 @@ class SGS(Method):
         reference: str = "batch",
         scope: str = "output",
         similarity: str = "cosine",
-        sample_rule: str = "relu",
+        sample_rule: str = "affine",
         temperature: float = 1.0,
         alpha: float = 1.0,
         clamp: tuple[float, float] | None = None,
         task_rule: str = "consistency",
         task_temperature: float = 0.5,
-        warmup: int = 2,
+        warmup: int = 5,
         ema_decay: float = 0.9,
     ) -> None:
         self.reference_name = check_choice("reference", reference, REFERENCES)
