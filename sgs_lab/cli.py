@@ -68,9 +68,16 @@ SGS_KNOBS = {  # CLI option → (knob name, type, help)
 }
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a noise rate must lie in [0, 1); got {value}")
+    return value
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     d = _defaults()
-    parser.add_argument("--noise", type=float, default=0.0, help="symmetric label-noise rate on every task, in [0, 1)")
+    parser.add_argument("--noise", type=_rate, default=0.0, help="symmetric label-noise rate on every task, in [0, 1)")
     parser.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pairflip"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=d["epochs"])

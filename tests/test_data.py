@@ -101,3 +101,30 @@ def test_bad_input_is_refused():
         train.with_noise({"ink": 0.2})
     with pytest.raises(ValueError, match="empty"):
         train.subset(torch.tensor([], dtype=torch.long))
+
+
+@pytest.mark.parametrize("angle", [0.0, 60.0, 90.0, 150.0])
+def test_toy_problem_conflict_is_controlled_by_the_angle(angle):
+    from sgs_lab.data import ToyProblem
+
+    problem = ToyProblem(angle=angle, anisotropy=2.0)
+    origin = torch.zeros(1, 2, dtype=torch.float64)
+    assert float(problem.conflict(origin)) == pytest.approx(np.cos(np.radians(angle)), abs=1e-6)
+    theta = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    autograd = torch.autograd.grad(problem.losses(theta).sum(), theta)[0]
+    assert torch.allclose(problem.gradients(theta.detach()).sum(0), autograd)  # closed form = autograd
+    assert torch.allclose(problem.losses(problem.centres().double())[[0, 1], [0, 1]], torch.zeros(2, dtype=torch.float64))
+
+
+def test_from_dataset_adapts_any_map_style_dataset():
+    from sgs_lab.data import from_dataset
+
+    items = [(torch.full((3,), float(i)), {"cls": i % 3, "reg": float(i) / 2}) for i in range(7)]
+    ts = from_dataset(items)
+    assert ts.x.shape == (7, 3) and ts.tasks["cls"].n_classes == 3 and ts.tasks["reg"].kind == "regression"
+    assert ts.labels["cls"].dtype == torch.long and torch.equal(ts.sample_id, torch.arange(7))
+    assert ts.with_noise({"cls": 0.4}, seed=0).noisy["cls"].sum() == 3
+    with pytest.raises(TypeError, match=r"\(x, \{task: label\}\)"):
+        from_dataset([torch.zeros(3)])
+    with pytest.raises(ValueError, match="empty"):
+        from_dataset([])

@@ -116,3 +116,20 @@ def test_cli_demo_writes_a_self_contained_report(tmp_path, monkeypatch, capsys):
     assert "Δm% vs single-task" in printed and "report:" in printed
     for run in ("ew", "sgs", "single-left", "single-right"):
         assert json.loads((tmp_path / run / "meta.json").read_text())["status"] == "finished"
+
+
+def test_callbacks_see_every_epoch_and_bf16_autocast_trains(data):
+    train, test = data
+    seen = []
+    result = fit(train, test, TrainConfig(method="sgs", knobs={"warmup": 0}, epochs=2, batch_size=64, bf16=True),
+                 callbacks=[seen.append], progress=False)  # fmt: skip
+    assert [s["epoch"] for s in seen] == [0, 1] and "test/left/accuracy" in seen[0]
+    samples = result.sink.samples()
+    assert np.isfinite(samples["sgs"]).all() and np.isfinite(samples["weight"]).all()
+
+
+def test_cli_rejects_a_noise_rate_outside_the_unit_interval(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--noise", "1.5", "--out", str(tmp_path / "run")])
+    assert "noise rate must lie in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written for a refused run

@@ -116,6 +116,31 @@ class TaskSet(Dataset):
         )
 
 
+def from_dataset(dataset, tasks: dict[str, TaskSpec] | None = None) -> TaskSet:
+    """A :class:`TaskSet` from any map-style dataset whose items are ``(x, {task: label})``.
+
+    ``tasks`` gives each task's kind; by default integer labels make a classification task with
+    ``max + 1`` classes and float labels a regression task. Sample ids are the dataset indices; noise and missing
+    labels can then be injected with :meth:`TaskSet.with_noise` / :meth:`TaskSet.with_missing`.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the data set is empty")
+    items = [dataset[i] for i in range(len(dataset))]
+    for i, item in enumerate(items[:1]):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict)):
+            raise TypeError(f"item {i} must be (x, {{task: label}}); got {type(item).__name__}")
+    x = torch.stack([torch.as_tensor(item[0], dtype=torch.float32) for item in items])
+    names = list(items[0][1])
+    labels = {t: torch.stack([torch.as_tensor(item[1][t]) for item in items]) for t in names}
+    if tasks is None:
+        tasks = {
+            t: TaskSpec("classification", int(y.max()) + 1) if not y.is_floating_point() else TaskSpec("regression")
+            for t, y in labels.items()
+        }
+    labels = {t: y.long() if tasks[t].kind == "classification" else y.float() for t, y in labels.items()}
+    return TaskSet(x, labels, tasks, torch.arange(len(items)))
+
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
