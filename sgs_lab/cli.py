@@ -75,17 +75,24 @@ def _rate(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return value
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     d = _defaults()
     parser.add_argument("--noise", type=_rate, default=0.0, help="symmetric label-noise rate on every task, in [0, 1)")
     parser.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pairflip"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=d["epochs"])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=_positive, default=d["epochs"])
+    parser.add_argument("--batch-size", type=_positive, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"])
-    parser.add_argument("--train-size", type=int, default=d["train_size"])
-    parser.add_argument("--test-size", type=int, default=d["test_size"])
+    parser.add_argument("--train-size", type=_positive, default=d["train_size"])
+    parser.add_argument("--test-size", type=_positive, default=d["test_size"])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 …")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
 
@@ -106,25 +113,41 @@ def _config(args, method: str, knobs: dict):
     )  # fmt: skip
 
 
+RUN_OPTIONS = ("noise", "noise_kind", "seed", "epochs", "batch_size", "lr", "model", "train_size", "test_size", "bf16")
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / "meta.json")  # never half a file
+
+
 def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tasks=None):
     from .train import fit
 
     train, test = _data(args)
     if tasks is not None:
         train, test = train.only(tasks), test.only(tasks)
+    config = _config(args, method, knobs)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "knobs": knobs, "seed": args.seed, "noise": {t: args.noise for t in train.tasks},
-            "noise_kind": args.noise_kind, "status": "running"}  # fmt: skip
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            "noise_kind": args.noise_kind, "tasks": list(train.tasks), "options": {k: getattr(args, k) for k in RUN_OPTIONS},
+            "status": "running"}  # fmt: skip
+    previous = (out / "meta.json").read_text() if resume else None
+    _write_meta(out, meta)
     try:
-        result = fit(train, test, _config(args, method, knobs), out=out, resume=resume)
+        result = fit(train, test, config, out=out, resume=resume, checkpoint_every=20)
+    except (ValueError, TypeError, FileNotFoundError, ImportError):
+        if previous is not None:  # a refused resume leaves the run as it was
+            (out / "meta.json").write_text(previous)
+        raise
     except BaseException:
         meta["status"] = "interrupted"
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        _write_meta(out, meta)
         raise
     meta.update(status="finished", test_metrics=result.test_metrics, seconds=round(result.seconds, 2))
     meta["test_accuracy"] = {k.split("/")[0]: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    _write_meta(out, meta)
     return result
 
 
@@ -132,14 +155,26 @@ def _train(args: argparse.Namespace) -> int:
     knobs = {k: getattr(args, k) for k in SGS_KNOBS if getattr(args, k) is not None}
     if args.clamp is not None:
         knobs["clamp"] = tuple(args.clamp)
-    if knobs and args.method != "sgs":
-        raise SystemExit(f"sgs-lab train: {', '.join('--' + k.replace('_', '-') for k in knobs)} apply to --method sgs only")
     if args.resume:
+        if args.out is not None or knobs:
+            raise SystemExit("sgs-lab train: --resume DIR takes the run's own options; give no --out or SGS options")
         out = Path(args.resume)
+        if not (out / "meta.json").exists():
+            raise SystemExit(f"sgs-lab train: {out} holds no run (no meta.json); start one with --out")
         meta = json.loads((out / "meta.json").read_text())
-        args.method, knobs = meta["method"], meta["knobs"]
-        result = _run(args, args.method, knobs, out, resume=True)
+        if meta["status"] == "finished":
+            raise SystemExit(f"sgs-lab train: the run in {out} has finished; nothing to resume")
+        for key, value in meta["options"].items():
+            setattr(args, key, value)
+        args.method = meta["method"]
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["knobs"].items()}  # JSON made lists
+        try:
+            result = _run(args, args.method, knobs, out, resume=True, tasks=meta["tasks"])
+        except FileNotFoundError as exc:
+            raise SystemExit(f"sgs-lab train: {exc} (the run stopped before its first checkpoint: start it again)")
     else:
+        if knobs and args.method != "sgs":
+            raise SystemExit(f"sgs-lab train: {', '.join('--' + k.replace('_', '-') for k in knobs)} apply to --method sgs only")
         if args.out is None:
             raise SystemExit("sgs-lab train: --out DIR is required (or --resume DIR)")
         result = _run(args, args.method, knobs, Path(args.out))
@@ -152,13 +187,14 @@ def _demo(args: argparse.Namespace) -> int:
     from .train import delta_m
 
     out = Path(args.out)
-    args.noise = 0.4
     runs, rows = {}, []
     single = {}
     for task in ("left", "right"):  # single-task references for Δm%
         single.update(_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).test_metrics)
     for method in ("ew", "sgs"):
-        result = _run(args, method, {}, out / method)
+        # short runs (SGS_LAB_FAST) shorten the warm-up too, or SGS would never leave it
+        knobs = {"warmup": min(5, max(1, args.epochs // 6))} if method == "sgs" else {}
+        result = _run(args, method, knobs, out / method)
         runs[method] = result
         accuracy = {k: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
         rows.append({"method": method, **{k.split("/")[0]: v for k, v in accuracy.items()},
@@ -184,18 +220,27 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(run=_check)
     methods = "; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items())
     train = commands.add_parser("train", help="one training run on MultiDigits", description=f"Methods — {methods}")
-    train.add_argument("--method", default="ew", choices=list(METHOD_HELP), metavar="M", help="weighting method (see above)")
+    from .weighting import available_methods
+
+    train.add_argument("--method", default="ew", choices=available_methods(), metavar="M", help="weighting method (see above)")
     train.add_argument("--out", help="run directory (checkpoint, history, meta.json)")
     train.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR exactly")
     _add_run_options(train)
     sgs = train.add_argument_group("SGS options (DESIGN §2; only with --method sgs)")
+    from .weighting._sgs import REFERENCES, SAMPLE_RULES, TASK_RULES
+
+    choices = {"reference": REFERENCES, "sample_rule": SAMPLE_RULES, "task_rule": TASK_RULES,
+               "scope": ("all", "last", "output"), "similarity": ("cosine", "dot")}  # fmt: skip
     for knob, (kind, help_text) in SGS_KNOBS.items():
-        sgs.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=kind, default=None, help=help_text)
+        sgs.add_argument(
+            f"--{knob.replace('_', '-')}", dest=knob, type=kind, default=None, help=help_text, choices=choices.get(knob)
+        )
     sgs.add_argument("--clamp", type=float, nargs=2, metavar=("LO", "HI"), help="clamp sample weights, renormalise")
     train.set_defaults(run=_train)
     demo = commands.add_parser("demo", help="EW vs SGS at 40 %% label noise: runs, report.html and a summary table")
     demo.add_argument("--out", required=True, help="directory for the runs and report.html")
     _add_run_options(demo)
+    demo.set_defaults(noise=0.4)
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     if args.command is None:

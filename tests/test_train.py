@@ -133,3 +133,51 @@ def test_cli_rejects_a_noise_rate_outside_the_unit_interval(tmp_path, capsys):
         main(["train", "--noise", "1.5", "--out", str(tmp_path / "run")])
     assert "noise rate must lie in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written for a refused run
+
+
+def test_recorded_columns_match_the_statistics_and_masked_rows_read_nan():
+    train, test = make_multidigits(128, 64, seed=0)
+    train = train.with_missing({"right": 0.25}, seed=0)
+    result = fit(train, test, TrainConfig(method="sgs", knobs={"warmup": 0}, epochs=1, batch_size=128), progress=False)
+    s = result.sink.samples()
+    left, right = s["task"] == "left", s["task"] == "right"
+    missing = right & ~s["present"]
+    assert missing.sum() == 32 and np.isnan(s["weight"][missing]).all() and np.isnan(s["loss"][missing]).all()
+    assert np.isfinite(s["weight"][left]).all() and np.isfinite(s["p_label"][left]).all()
+    # for two tasks the conflict column is the per-sample cosine to the other task (NaN where it has no label)
+    both = s["present"][left] & s["present"][right]
+    assert np.allclose(s["conflict"][left][both], s["conflict"][right][both])
+    assert np.isnan(s["conflict"][left][~both]).all()
+    # p_label is a probability of the given label, the margin positive exactly when it is the arg-max
+    assert ((s["p_label"][left] > 0) & (s["p_label"][left] < 1)).all()
+    assert np.array_equal(s["margin"][left] > 0, s["pred"][left] == s["label"][left])
+
+
+def test_cli_resume_finishes_an_interrupted_run_like_a_straight_one(tmp_path, monkeypatch):
+    import sgs_lab.train
+
+    monkeypatch.setenv("SGS_LAB_FAST", "1")
+    options = ["--method", "sgs", "--noise", "0.3", "--seed", "2", "--epochs", "2", "--train-size", "256",
+               "--test-size", "64", "--clamp", "0", "3", "--warmup", "0"]  # fmt: skip
+    assert main(["train", *options, "--out", str(tmp_path / "straight")]) == 0
+    real_fit = sgs_lab.train.fit
+
+    def dies_midway(*args, **kwargs):
+        real_fit(*args, **{**kwargs, "checkpoint_every": 1, "stop_after_steps": 3})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgs_lab.train, "fit", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", *options, "--out", str(tmp_path / "resumed")])
+    assert json.loads((tmp_path / "resumed" / "meta.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(sgs_lab.train, "fit", real_fit)
+    assert main(["train", "--resume", str(tmp_path / "resumed")]) == 0
+    straight = json.loads((tmp_path / "straight" / "meta.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "meta.json").read_text())
+    assert resumed["status"] == "finished" and resumed["test_metrics"] == straight["test_metrics"]
+    with pytest.raises(SystemExit, match="has finished"):
+        main(["train", "--resume", str(tmp_path / "resumed")])
+    with pytest.raises(SystemExit, match="holds no run"):
+        main(["train", "--resume", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="run's own options"):
+        main(["train", "--resume", str(tmp_path / "resumed"), "--out", str(tmp_path / "x")])

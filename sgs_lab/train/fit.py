@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,13 +106,18 @@ def _to(batch: TaskSet, device: torch.device) -> TaskSet:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # RNG states are CPU byte tensors whatever the map_location
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -159,10 +165,17 @@ def fit(
     probe = SampleGradients(model.encoder, scope=method.scope)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
+    epoch_loss, epoch_steps = 0.0, 0
+    if getattr(method, "warmup", 0) >= config.epochs:
+        warnings.warn(
+            f"{config.method}: warm-up ({method.warmup} epochs) covers the whole run ({config.epochs} epochs): "
+            "every weight stays uniform",
+            stacklevel=2,
+        )
     if resume:
         if out is None or not (out / CHECKPOINT).exists():
             raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT} in {out}")
-        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)  # our own file
         if state["config"] != dataclasses.asdict(config):
             raise ValueError("the checkpoint was written with another configuration; resume with the same options")
         model.load_state_dict(state["model"])
@@ -170,8 +183,10 @@ def fit(
         method.load_state_dict(state["method"])
         _set_rng_state(state["rng"])
         start_epoch, start_step, history, elapsed = state["epoch"], state["step"], state["history"], state["seconds"]
-        if hasattr(sink, "truncate"):
-            sink.truncate(start_epoch * steps_per_epoch + start_step)
+        epoch_loss, epoch_steps = state["epoch_loss"]
+        if not hasattr(sink, "truncate"):
+            raise TypeError("resuming needs a sink with truncate(step): rows after the checkpoint would be duplicated")
+        sink.truncate(start_epoch * steps_per_epoch + start_step)
 
     def save(epoch: int, step: int) -> None:
         if out is None:
@@ -183,6 +198,7 @@ def fit(
                 "config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "method": method.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step,
                 "history": history, "seconds": elapsed + time.perf_counter() - started,
+                "epoch_loss": (epoch_loss, epoch_steps),
             },
             out / CHECKPOINT,
         )  # fmt: skip
@@ -193,7 +209,8 @@ def fit(
     for epoch in bar:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 10007 + epoch))
         first = start_step if epoch == start_epoch else 0
-        epoch_loss = 0.0
+        if epoch != start_epoch:
+            epoch_loss, epoch_steps = 0.0, 0
         for step in range(first, steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = _to(train.subset(index), device)
@@ -205,7 +222,7 @@ def fit(
                       for t, s in train.tasks.items()}  # fmt: skip
             stats = probe.compute(losses, labels=labels, reference=method.reference, masks=batch.present)
             sgs_batch = stats.cosine if method.reference == "batch" else stats.similarity("batch").cosine
-            sgs_class = stats.cosine if method.reference == "class" else stats.similarity("class", labels).cosine
+            sgs_class = stats.cosine if method.reference == "class" else stats.similarity("class").cosine
             weights, task_weights = method.weights(stats, epoch=epoch)
             weights = torch.ones_like(stats.cosine) if weights is None else weights
             task_weights = torch.ones(len(losses), device=device) if task_weights is None else task_weights
@@ -222,7 +239,9 @@ def fit(
                 epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
                 task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
             ))  # fmt: skip
-            epoch_loss += float(stats.losses.nan_to_num().mean())
+            keep = stats.mask.to(stats.losses.dtype)
+            epoch_loss += float(((stats.losses * keep).sum(1) / keep.sum(1).clamp(min=1)).mean())
+            epoch_steps += 1
             steps_done += 1
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
                 save(epoch, step + 1)
@@ -230,7 +249,7 @@ def fit(
                 save(epoch, step + 1)
                 return RunResult(model, history, {}, elapsed + time.perf_counter() - started, sink)
         method.end_epoch(epoch)
-        summary = {"epoch": epoch, "train_loss": epoch_loss / max(steps_per_epoch - first, 1)}
+        summary = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_steps, 1)}
         summary.update({f"test/{k}": v for k, v in evaluate(model, test, device).items()})
         summary["seconds"] = elapsed + time.perf_counter() - started
         history.append(summary)

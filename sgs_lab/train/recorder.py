@@ -63,19 +63,24 @@ def step_records(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
     """One step's rows: (samples, steps) as {column: array}, tasks in the order of ``stats.tasks``."""
     n_tasks, size = stats.cosine.shape
-    conflict = stats.conflict.clone()
+    # the minimum over the *other* tasks that label the sample (NaN pairs are tasks without its label)
+    conflict = stats.conflict.nan_to_num(nan=float("inf"))
     eye = torch.eye(n_tasks, dtype=torch.bool, device=conflict.device)
-    conflict[:, eye] = float("inf")  # the minimum over *other* tasks
-    per_task_conflict = conflict.amin(2).T if n_tasks > 1 else torch.full_like(stats.cosine, float("nan"))
+    conflict[:, eye] = float("inf")
+    per_task_conflict = conflict.amin(2).T  # (T, B)
+    per_task_conflict = per_task_conflict.masked_fill(per_task_conflict.isinf(), float("nan"))
     columns: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
     for t, task in enumerate(stats.tasks):
         label = batch.labels[task]
         pred, p_label, margin = _prediction_columns(outputs[task].detach(), label, specs[task].kind)
-        values = {
-            "label": label.float(), "clean_label": batch.clean[task].float(), "noisy": batch.noisy[task],
-            "present": batch.present[task], "pred": pred, "p_label": p_label, "margin": margin,
-            "loss": stats.losses[t], "sgs": stats.cosine[t], "sgs_batch": sgs_batch[t], "sgs_class": sgs_class[t],
-            "grad_norm": stats.norm[t], "weight": weights[t], "conflict": per_task_conflict[t],
+        present = batch.present[task]
+        missing = lambda v: torch.where(present, v.float(), torch.full_like(v, float("nan"), dtype=torch.float32))  # noqa: E731
+        values = {  # a missing label leaves NaN in everything derived from it (the present column says why)
+            "label": missing(label), "clean_label": batch.clean[task].float(), "noisy": batch.noisy[task],
+            "present": present, "pred": pred, "p_label": missing(p_label), "margin": missing(margin),
+            "loss": missing(stats.losses[t]), "sgs": stats.cosine[t], "sgs_batch": sgs_batch[t],
+            "sgs_class": sgs_class[t], "grad_norm": stats.norm[t], "weight": missing(weights[t]),
+            "conflict": per_task_conflict[t],
         }  # fmt: skip
         for name, value in values.items():
             columns[name].append(value.detach().float().cpu().numpy() if name not in ("noisy", "present") else value.cpu().numpy())
