@@ -320,3 +320,38 @@ def test_gramian_is_the_gram_matrix_of_the_mean_gradients():
     ]
     flat = torch.stack([torch.cat([g.reshape(-1) for g in m]) for m in means])
     assert torch.allclose(stats.gramian, flat @ flat.T, rtol=1e-10, atol=1e-14)
+
+
+def test_jacobian_rows_are_the_mean_gradients_and_apply_direction_writes_them():
+    encoder, heads, x, y, target = _model()
+    mask = torch.tensor([True, False, True, True, True, True, True])
+    probe = sgs_lab.SampleGradients(encoder)
+    with probe.capture():
+        z = encoder(x)
+    losses = _losses(heads, z, y, target)
+    stats = probe.compute(losses, masks={"left": mask})
+    params = list(encoder.parameters())
+    means = [torch.autograd.grad(losses["left"][mask].mean(), params, retain_graph=True),
+             torch.autograd.grad(losses["right"].mean(), params, retain_graph=True)]  # fmt: skip
+    jac = stats.jacobian()
+    # the same numbers as autograd, block by block (order of the blocks, not of the parameters)
+    assert torch.allclose(jac.norm(dim=1), torch.stack([torch.cat([g.reshape(-1) for g in m]).norm() for m in means]))
+    assert torch.allclose(jac @ jac.T, stats.gramian)
+    total = losses["left"][mask].mean() + losses["right"].mean()
+    want = torch.autograd.grad(total, params + list(heads.parameters()), retain_graph=True)
+    stats.apply_direction(jac.sum(0))  # the sum of the task gradients is EW's update
+    for p, g in zip(params + list(heads.parameters()), want):
+        assert torch.allclose(p.grad, g, atol=1e-12)
+    with pytest.raises(RuntimeError, match="already called"):
+        stats.apply_direction(jac.sum(0))
+
+
+@pytest.mark.parametrize("method", ["graddrop", "config", "excessmtl"])
+def test_jacobian_aggregators_train(method):
+    from sgs_lab.data import make_multidigits
+    from sgs_lab.train import TrainConfig, fit
+
+    train, test = make_multidigits(128, 64, seed=0)
+    result = fit(train, test, TrainConfig(method=method, epochs=1, batch_size=64), progress=False)
+    assert 0.0 <= result.test_metrics["left/accuracy"] <= 1.0
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())

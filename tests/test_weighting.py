@@ -194,8 +194,6 @@ def test_repr_and_errors():
         assert method.name == name and repr(method).startswith(type(method).__name__ + "(")
     with pytest.raises(ValueError, match="valid methods: .*'ew'.*'sgs'"):
         make_method("nope")
-    with pytest.raises(ValueError, match="Nash-MTL"):
-        make_method("nashmtl")
     for name, knobs in (("sgs", {"tempreature": 1}), ("upgrad", {"tempreature": 1}), ("uw", {"tempreature": 1})):
         with pytest.raises(TypeError, match="tempreature"):
             make_method(name, **knobs)

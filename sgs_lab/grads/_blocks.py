@@ -73,6 +73,11 @@ class Block:
         raise NotImplementedError
 
     def accumulate_grad(self, coef: Tensor) -> None:
+        """Add Σ_t Σ_i coef_{t,i} G_{t,i} to the parameters' ``.grad``."""
+        raise NotImplementedError
+
+    def write_grad(self, value: Tensor) -> None:
+        """Add ``value``, a tensor in the block's parameter space (one row of ``batch_sums``), to ``.grad``."""
         raise NotImplementedError
 
 
@@ -101,11 +106,13 @@ class MaterialisedBlock(Block):
         return torch.einsum("tbd,td->tb", self.g, ref)
 
     def accumulate_grad(self, coef: Tensor) -> None:
-        flat = torch.einsum("tb,tbd->d", coef.to(self.g.dtype), self.g)
+        self.write_grad(torch.einsum("tb,tbd->d", coef.to(self.g.dtype), self.g))
+
+    def write_grad(self, value: Tensor) -> None:
         start = 0
         for slot in self.slots:
             n = slot.shape.numel()
-            _add_grad(slot, flat[start : start + n])
+            _add_grad(slot, value[start : start + n])
             start += n
 
 
@@ -237,11 +244,13 @@ class DenseBlock(Block):
 
     def accumulate_grad(self, coef: Tensor) -> None:
         d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0).reshape(-1, self.d_out)
-        grad = d.T @ self.a.reshape(-1, self.d_in)  # (d_out, d_in)
+        self.write_grad(d.T @ self.a.reshape(-1, self.d_in))  # (d_out, d_in)
+
+    def write_grad(self, value: Tensor) -> None:
         start = 0
         for slot in self.slots:
             n = slot.shape.numel() // self.d_out
-            _add_grad(slot, grad[:, start : start + n])
+            _add_grad(slot, value[:, start : start + n])
             start += n
 
     # -- gram strategy -----------------------------------------------------------------------------------------
@@ -309,7 +318,10 @@ class EmbeddingBlock(Block):
 
     def accumulate_grad(self, coef: Tensor) -> None:
         d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0)
-        _add_grad(self.slots[0], self._scatter(d, self.idx))
+        self.write_grad(self._scatter(d, self.idx))
+
+    def write_grad(self, value: Tensor) -> None:
+        _add_grad(self.slots[0], value)
 
 
 def merge_blocks(per_call: list[list[Block]]) -> list[Block]:

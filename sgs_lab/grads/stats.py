@@ -109,6 +109,40 @@ class GradStats:
             torch.autograd.backward(total, inputs=leaves)
 
 
+    def jacobian(self) -> Tensor:
+        """(T, P): each task's mean gradient over the probed parameters (labelled samples), rows concatenated block
+        by block — what a gradient-aggregation method combines. Needs a parameter scope (not ``"output"``)."""
+        blocks = [b for b in self._blocks if b.slots]
+        if not blocks:
+            raise ValueError('jacobian() needs parameters: probe with scope="all" or "last", not "output"')
+        counts = self.mask.sum(1).clamp(min=1)
+        rows = [b.batch_sums().flatten(1) / counts[:, None].to(b.batch_sums().dtype) for b in blocks]
+        return torch.cat(rows, 1)
+
+    def apply_direction(self, direction: Tensor, *, heads: bool = True) -> None:
+        """Add ``direction`` (P,), laid out as the columns of :meth:`jacobian`, to the probed parameters' ``.grad``.
+
+        Everything else (parameters out of scope and, with ``heads=True``, the heads) gets the gradient of the
+        equally weighted loss Σ_t mean_i ℓ_{t,i} from one ordinary backward that stops at the module's output.
+        """
+        if self._used:
+            raise RuntimeError("backward() was already called for these statistics; compute() again for a new step")
+        blocks = [b for b in self._blocks if b.slots]
+        sizes = [b.batch_sums()[0].numel() for b in blocks]
+        if direction.dim() != 1 or direction.numel() != sum(sizes):
+            raise ValueError(f"direction must have shape ({sum(sizes)},) like a row of jacobian(); got {tuple(direction.shape)}")
+        self._used = True
+        for block, part in zip(blocks, direction.detach().split(sizes)):
+            block.write_grad(part.reshape(block.batch_sums().shape[1:]).to(block.batch_sums().dtype))
+        leaves = self._autograd_leaves + (self._head_leaves if heads else [])
+        if leaves:
+            counts = self.mask.sum(1).clamp(min=1)
+            total = sum(
+                (loss * keep.to(loss.dtype)).sum() / n for loss, keep, n in zip(self._attached_losses, self.mask, counts)
+            )
+            torch.autograd.backward(total, inputs=leaves)
+
+
 def _check_weights(value: Tensor, shape: tuple, like: Tensor, name: str = "sample_weights") -> Tensor:
     value = torch.as_tensor(value)
     if tuple(value.shape) != shape:

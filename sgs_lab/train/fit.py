@@ -227,7 +227,10 @@ def fit(
             weights = torch.ones_like(stats.cosine) if weights is None else weights
             task_weights = torch.ones(len(losses), device=device) if task_weights is None else task_weights
             optimizer.zero_grad(set_to_none=True)
-            stats.backward(weights, task_weights)
+            if getattr(method, "needs_jacobian", False):  # aggregators that need the task gradients themselves
+                stats.apply_direction(method.aggregate(stats.jacobian()))
+            else:
+                stats.backward(weights, task_weights)
             optimizer.step()
             if method.needs_new_losses:
                 with torch.no_grad():

@@ -11,9 +11,10 @@ clamp=None, task_rule='consistency', task_temperature=0.5, warmup=0)
 >>> make_method("upgrad")
 TorchJDWeighting('upgrad', scope='all')
 
-Not provided: Nash-MTL and ExcessMTL. torchjd 0.18 offers them only as weightings of the full Jacobian (Nash-MTL as
-the ``NashMTL`` aggregator, ExcessMTL from per-parameter squared gradients), not of the T × T Gramian the engine
-gives; Nash-MTL would also need cvxpy and ecos.
+Three kinds: loss weightings (``ew``, ``sgs``, ``gradnorm``, torchjd's scalarizers) and Gramian weightings (MGDA,
+PCGrad, …) return weights for ``stats.backward``; aggregators that need the task gradients themselves (GradDrop,
+ConFIG, ExcessMTL, Nash-MTL — the last needs ``pip install "torchjd[nash-mtl]"``) set ``needs_jacobian`` and
+return a direction for ``stats.apply_direction``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from functools import partial
 from ._base import EW, Method, check_knobs, signature_knobs
 from ._gradnorm import GradNorm
 from ._sgs import SGS
-from ._torchjd import GRAMIAN, SCALARIZERS, TorchJDScalarizer, TorchJDWeighting
+from ._torchjd import AGGREGATORS, GRAMIAN, SCALARIZERS, TorchJDAggregator, TorchJDScalarizer, TorchJDWeighting
 
 #: name → factory taking the method's keyword knobs
 METHODS: dict = {
@@ -32,6 +33,7 @@ METHODS: dict = {
     "gradnorm": GradNorm,
     **{name: partial(TorchJDWeighting, name) for name in GRAMIAN},
     **{name: partial(TorchJDScalarizer, name) for name in SCALARIZERS},
+    **{name: partial(TorchJDAggregator, name) for name in AGGREGATORS},
 }
 
 #: name → one-line description (the CLI lists these)
@@ -41,12 +43,10 @@ METHOD_HELP: dict[str, str] = {
     "gradnorm": "GradNorm (Chen et al. 2018): learned task weights equalising gradient norms by training rate",
     **{name: spec.help for name, spec in GRAMIAN.items()},
     **{name: spec.help for name, spec in SCALARIZERS.items()},
+    **{name: spec.help for name, spec in AGGREGATORS.items()},
 }
 
-_NOT_PROVIDED = {
-    "nashmtl": "torchjd has Nash-MTL only as an aggregator of the full Jacobian, not as a Gramian weighting",
-    "excessmtl": "torchjd's ExcessMTL needs the full Jacobian (per-parameter squared gradients), not the Gramian",
-}
+_NOT_PROVIDED: dict[str, str] = {}
 
 
 def make_method(name: str, **knobs) -> Method:
@@ -79,6 +79,7 @@ def available_methods() -> list[str]:
 
 
 __all__ = [
+    "AGGREGATORS",
     "EW",
     "GRAMIAN",
     "METHODS",
@@ -87,6 +88,7 @@ __all__ = [
     "SGS",
     "GradNorm",
     "Method",
+    "TorchJDAggregator",
     "TorchJDScalarizer",
     "TorchJDWeighting",
     "available_methods",

@@ -65,11 +65,23 @@ SCALARIZERS = {
 }  # fmt: skip
 
 
+AGGREGATORS = {
+    "graddrop": _Spec("GradDrop", "GradDrop (Chen et al. 2020): drop gradient components by sign purity"),
+    "config": _Spec("ConFIG", "ConFIG (Liu et al. 2024): a conflict-free direction from the task gradients"),
+    "excessmtl": _Spec("ExcessMTL", "ExcessMTL (He et al. 2024): robust weights from excess risks"),
+    "nashmtl": _Spec("NashMTL", "Nash-MTL (Navon et al. 2022): bargaining solution; needs torchjd[nash-mtl]"),
+}  # fmt: skip
+
+
+EXTRAS = {"cagrad": "cagrad", "nashmtl": "nash-mtl"}  # pip extras of torchjd (spelled with hyphens)
+
+
 def _build(name: str, cls, options: dict, args: tuple = ()):
     try:
         return cls(*args, **options)
     except ImportError as error:
-        raise ImportError(f"method {name!r} needs an optional solver of torchjd ({error})") from error
+        hint = f'pip install "torchjd[{EXTRAS.get(name, name)}]"'
+        raise ImportError(f"method {name!r} needs an optional solver of torchjd: {hint} ({error})") from error
 
 
 class TorchJDWeighting(Method):
@@ -199,3 +211,39 @@ def _ctor_knobs(cls) -> list[str]:
 
 def _kwargs(options: dict) -> str:
     return "".join(f", {k}={v!r}" for k, v in options.items())
+
+
+class TorchJDAggregator(Method):
+    """A torchjd aggregator applied to the tasks' mean gradients (``stats.jacobian()``, T × P).
+
+    For methods that need more than the Gramian (GradDrop, ConFIG, ExcessMTL, Nash-MTL): the trainer calls
+    :meth:`aggregate` and writes the resulting direction into ``.grad`` with ``stats.apply_direction``; the heads
+    get the equally weighted loss. Costs one (T × P) matrix of the probed parameters per step.
+    """
+
+    needs_jacobian = True
+
+    def __init__(self, name: str, *, scope: str = "all", **options) -> None:
+        self.name, self.spec = name, AGGREGATORS[name]
+        self.cls = getattr(jd_aggregation, self.spec.cls)
+        ctor = _ctor_knobs(self.cls)
+        self.sized = "n_tasks" in ctor  # built at the first step, when T is known
+        check_knobs(name, options, ["scope", *(k for k in ctor if k != "n_tasks")])
+        self.scope = check_choice("scope", scope, ("all", "last"))
+        self.options = options
+        self.aggregator = None if self.sized else _build(name, self.cls, options)
+        if self.sized:  # fail now, not at the first step, when an optional solver is missing
+            _build(name, self.cls, options, (2,))
+
+    def __repr__(self) -> str:
+        return f"TorchJDAggregator({self.name!r}, scope={self.scope!r}{_kwargs(self.options)})"
+
+    def weights(self, stats, *, epoch: int) -> tuple[Tensor | None, Tensor | None]:
+        return None, None  # the update is the aggregated direction, see aggregate()
+
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        """(T, P) mean task gradients → (P,) update direction."""
+        if self.aggregator is None:
+            self.aggregator = _build(self.name, self.cls, self.options, (jacobian.shape[0],))
+        direction = self.aggregator(jacobian.detach()).detach()
+        return direction if torch.isfinite(direction).all() else jacobian.sum(0)
