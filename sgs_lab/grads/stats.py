@@ -143,6 +143,12 @@ class GradStats:
             torch.autograd.backward(total, inputs=leaves)
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """(T, B) values, (T, B) bool mask → (T,) mean over each row's kept entries (0 where none; NaN elsewhere ignored)."""
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    return kept.sum(1) / mask.sum(1).clamp(min=1).to(values.dtype)
+
+
 def _check_weights(value: Tensor, shape: tuple, like: Tensor, name: str = "sample_weights") -> Tensor:
     value = torch.as_tensor(value)
     if tuple(value.shape) != shape:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data import TaskSet
 from ..grads import SampleGradients
+from ..grads.stats import masked_mean
 from ..models import MultiTaskNet, build_model
 from .recorder import MemorySink, step_records
 
@@ -235,15 +236,14 @@ def fit(
             if method.needs_new_losses:
                 with torch.no_grad():
                     new = task_losses(model(batch.x), batch)
-                method.after_step(stats, torch.stack([(v * batch.present[t]).sum() / batch.present[t].sum().clamp(min=1)
-                                                      for t, v in new.items()]))  # fmt: skip
+                present = torch.stack([batch.present[t] for t in new])
+                method.after_step(stats, masked_mean(torch.stack(list(new.values())), present))
             global_step = epoch * steps_per_epoch + step
             sink.write(*step_records(
                 epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
                 task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
             ))  # fmt: skip
-            keep = stats.mask.to(stats.losses.dtype)
-            epoch_loss += float(((stats.losses * keep).sum(1) / keep.sum(1).clamp(min=1)).mean())
+            epoch_loss += float(masked_mean(stats.losses, stats.mask).mean())
             epoch_steps += 1
             steps_done += 1
             if checkpoint_every and (step + 1) % checkpoint_every == 0:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..grads.stats import masked_mean
+
 SAMPLE_COLUMNS = (
     "epoch", "step", "task", "sample_id", "label", "clean_label", "noisy", "present", "pred", "p_label", "margin",
     "loss", "sgs", "sgs_batch", "sgs_class", "grad_norm", "weight", "conflict",
@@ -89,9 +91,8 @@ def step_records(
     samples = {c: np.concatenate(v) for c, v in columns.items() if v}
     samples["epoch"] = np.full(n_tasks * size, epoch, dtype=np.int32)
     samples["step"] = np.full(n_tasks * size, step, dtype=np.int64)
-    keep = stats.mask.float()
-    consistency = (torch.nan_to_num(stats.cosine) * keep).sum(1) / keep.sum(1).clamp(min=1)
-    mean_loss = (stats.losses * keep).sum(1) / keep.sum(1).clamp(min=1)
+    consistency = masked_mean(stats.cosine, stats.mask)
+    mean_loss = masked_mean(stats.losses, stats.mask)
     steps = {
         "epoch": np.full(n_tasks, epoch, dtype=np.int32),
         "step": np.full(n_tasks, step, dtype=np.int64),

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..grads.stats import masked_mean
+
 SCOPES = ("all", "last", "output")
 
 
@@ -97,9 +99,7 @@ def signature_knobs(fn) -> list[str] | None:
 
 def task_mean_losses(stats) -> Tensor:
     """(T,) mean loss of each task over its labelled samples (0 for a task without any this step)."""
-    mask = stats.mask
-    losses = torch.where(mask, stats.losses, torch.zeros_like(stats.losses))
-    return losses.sum(1) / mask.sum(1).clamp(min=1).to(losses.dtype)
+    return masked_mean(stats.losses, stats.mask)
 
 
 def uniform_sample_weights(stats) -> Tensor:
