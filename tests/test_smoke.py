@@ -9,3 +9,15 @@ def test_version_is_exposed():
 def test_cli_check_agrees_with_oracle(capsys):
     assert main(["check", "--device", "cpu"]) == 0
     assert "agrees with the loop oracle" in capsys.readouterr().out
+
+
+def test_readme_quick_start_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    assert namespace["stats"].cosine.shape == (2, 32)
+    assert all(p.grad is not None for p in namespace["encoder"].parameters())
