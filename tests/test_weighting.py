@@ -426,3 +426,15 @@ def test_sgs_ema_state_dict_round_trip():
         w3, _ = fresh.weights(step(fresh.reference), epoch=0)
         assert torch.equal(w1, w2) and torch.equal(lam1, lam2) and not torch.equal(w1, w3)
     assert first.reference.steps == 5 and second.reference.steps == 5
+
+
+def test_sgs_consistency_gives_no_share_to_a_task_without_labels():
+    stats = fake_stats(shape=(3, 6, 4))
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1] = False  # task 1 has no labelled sample in this batch
+    masked = dataclasses.replace(stats, mask=mask, cosine=stats.cosine.masked_fill(~mask, torch.nan))
+    _, lam = make_method("sgs", warmup=0).weights(masked, epoch=0)
+    assert lam[1] == 0 and torch.isclose(lam[[0, 2]].mean(), torch.tensor(1.0, dtype=lam.dtype))
+    nothing = dataclasses.replace(stats, mask=torch.zeros_like(mask), cosine=torch.full_like(stats.cosine, torch.nan))
+    _, lam = make_method("sgs", warmup=0).weights(nothing, epoch=0)
+    assert torch.equal(lam, torch.ones_like(lam))

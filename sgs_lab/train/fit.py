@@ -234,7 +234,7 @@ def fit(
                 stats.backward(weights, task_weights)
             optimizer.step()
             if method.needs_new_losses:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     new = task_losses(model(batch.x), batch)
                 present = torch.stack([batch.present[t] for t in new])
                 method.after_step(stats, masked_mean(torch.stack(list(new.values())), present))

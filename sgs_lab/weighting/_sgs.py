@@ -124,7 +124,11 @@ class SGS(Method):
             return ones
         if self.task_rule == "consistency":
             consistency = sim.sum(1) / count  # (T,)
-            return n_tasks * torch.softmax(consistency / self.task_temperature, dim=0)
+            present = stats.mask.any(1)  # a task without labelled samples this step takes no share
+            if not present.any():
+                return ones
+            logits = (consistency / self.task_temperature).masked_fill(~present, float("-inf"))
+            return present.sum().to(sim.dtype) * torch.softmax(logits, dim=0)
         sq = torch.where(stats.mask, stats.norm, torch.zeros_like(stats.norm)).nan_to_num(0.0) ** 2
         mean_sq = sq.sum(1) / count  # (T,)
         mean_grad_sq = torch.diagonal(stats.gramian).clamp(min=0)
