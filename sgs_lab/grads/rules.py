@@ -11,7 +11,7 @@ contracts like any other, and :func:`sgs_lab.testing.check_grad_rule` checks it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -262,7 +262,3 @@ def norm_affine_rule(call: Call, grad_output: Tensor, names: set, options: dict)
             parts.append(value.reshape(tasks, batch, -1))
             slots.append(ParamSlot(param, param.shape))
     return [MaterialisedBlock(call.key, torch.cat(parts, -1), slots)]
-
-
-def registered_types() -> Sequence[type]:
-    return [*_BLOCK_RULES, *_USER_RULES]

@@ -98,11 +98,24 @@ class GradStats:
         lam = torch.ones(n_tasks, dtype=ref.dtype, device=ref.device)
         if task_weights is not None:
             lam = _check_weights(task_weights, (n_tasks,), ref, "task_weights")
-        counts = self.mask.sum(1).clamp(min=1).to(ref.dtype)
-        coef = torch.where(self.mask, lam[:, None] * w / counts[:, None], torch.zeros_like(w))
-        self._used = True
+        coef = self._coefficients(lam[:, None] * w)
+        self._start()
         for block in self._blocks:
             block.accumulate_grad(coef)
+        self._backward_rest(coef, heads)
+
+    def _coefficients(self, weights: Tensor) -> Tensor:
+        """(T, B) weights → per-sample coefficients of L: weight / labelled count, 0 on masked samples."""
+        counts = self.mask.sum(1).clamp(min=1).to(weights.dtype)
+        return torch.where(self.mask, weights / counts[:, None], torch.zeros_like(weights))
+
+    def _start(self) -> None:
+        if self._used:
+            raise RuntimeError("backward() was already called for these statistics; compute() again for a new step")
+        self._used = True
+
+    def _backward_rest(self, coef: Tensor, heads: bool) -> None:
+        """One ordinary backward of Σ coef·ℓ for what no block covers (out of scope) and, with ``heads``, the heads."""
         leaves = self._autograd_leaves + (self._head_leaves if heads else [])
         if leaves:
             total = sum((loss * c.to(loss.dtype)).sum() for loss, c in zip(self._attached_losses, coef))
@@ -115,8 +128,8 @@ class GradStats:
         blocks = [b for b in self._blocks if b.slots]
         if not blocks:
             raise ValueError('jacobian() needs parameters: probe with scope="all" or "last", not "output"')
-        counts = self.mask.sum(1).clamp(min=1)
-        rows = [b.batch_sums().flatten(1) / counts[:, None].to(b.batch_sums().dtype) for b in blocks]
+        counts = self.mask.sum(1).clamp(min=1)[:, None]
+        rows = [sums.flatten(1) / counts.to(sums.dtype) for sums in (b.batch_sums() for b in blocks)]
         return torch.cat(rows, 1)
 
     def apply_direction(self, direction: Tensor, *, heads: bool = True) -> None:
@@ -125,22 +138,15 @@ class GradStats:
         Everything else (parameters out of scope and, with ``heads=True``, the heads) gets the gradient of the
         equally weighted loss Σ_t mean_i ℓ_{t,i} from one ordinary backward that stops at the module's output.
         """
-        if self._used:
-            raise RuntimeError("backward() was already called for these statistics; compute() again for a new step")
         blocks = [b for b in self._blocks if b.slots]
-        sizes = [b.batch_sums()[0].numel() for b in blocks]
+        like = [b.batch_sums()[0] for b in blocks]  # each block's parameter space (its shape and dtype)
+        sizes = [t.numel() for t in like]
         if direction.dim() != 1 or direction.numel() != sum(sizes):
             raise ValueError(f"direction must have shape ({sum(sizes)},) like a row of jacobian(); got {tuple(direction.shape)}")
-        self._used = True
-        for block, part in zip(blocks, direction.detach().split(sizes)):
-            block.write_grad(part.reshape(block.batch_sums().shape[1:]).to(block.batch_sums().dtype))
-        leaves = self._autograd_leaves + (self._head_leaves if heads else [])
-        if leaves:
-            counts = self.mask.sum(1).clamp(min=1)
-            total = sum(
-                (loss * keep.to(loss.dtype)).sum() / n for loss, keep, n in zip(self._attached_losses, self.mask, counts)
-            )
-            torch.autograd.backward(total, inputs=leaves)
+        self._start()
+        for block, part, space in zip(blocks, direction.detach().split(sizes), like):
+            block.write_grad(part.reshape(space.shape).to(space.dtype))
+        self._backward_rest(self._coefficients(torch.ones_like(self.cosine)), heads)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -15,7 +15,6 @@ import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..grads.stats import masked_mean
@@ -105,10 +104,6 @@ def task_mean_losses(stats) -> Tensor:
 def uniform_sample_weights(stats) -> Tensor:
     """(T, B): 1 on labelled samples, 0 on masked ones."""
     return stats.mask.to(stats.cosine.dtype)
-
-
-def finite_or(value: Tensor, fallback: float) -> Tensor:
-    return torch.where(torch.isfinite(value), value, torch.full_like(value, fallback))
 
 
 def snapshot(state: Any) -> Any:
