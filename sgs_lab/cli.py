@@ -95,6 +95,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=_positive, default=d["test_size"])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 …")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    parser.add_argument("--checkpoint-every", type=_positive, default=20, metavar="N",
+                        help="commit records and a checkpoint every N steps (and at each epoch end)")  # fmt: skip
+    parser.add_argument("--float16", action="store_true", help="store per-sample statistics as float16 (half size)")
 
 
 def _data(args):
@@ -113,72 +116,64 @@ def _config(args, method: str, knobs: dict):
     )  # fmt: skip
 
 
-RUN_OPTIONS = ("noise", "noise_kind", "seed", "epochs", "batch_size", "lr", "model", "train_size", "test_size", "bf16")
-
-
-def _write_meta(out: Path, meta: dict) -> None:
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / "meta.json")  # never half a file
+RUN_OPTIONS = ("noise", "noise_kind", "seed", "epochs", "batch_size", "lr", "model", "train_size", "test_size", "bf16",
+               "checkpoint_every", "float16")  # fmt: skip
 
 
 def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tasks=None):
-    from .train import fit
+    """One run stored in the cache at ``out`` (see sgs_lab.cache); returns the opened run."""
+    from .cache import train_run
 
     train, test = _data(args)
     if tasks is not None:
         train, test = train.only(tasks), test.only(tasks)
-    config = _config(args, method, knobs)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "knobs": knobs, "seed": args.seed, "noise": {t: args.noise for t in train.tasks},
-            "noise_kind": args.noise_kind, "tasks": list(train.tasks), "options": {k: getattr(args, k) for k in RUN_OPTIONS},
-            "status": "running"}  # fmt: skip
-    previous = (out / "meta.json").read_text() if resume else None
-    _write_meta(out, meta)
-    try:
-        result = fit(train, test, config, out=out, resume=resume, checkpoint_every=20)
-    except (ValueError, TypeError, FileNotFoundError, ImportError):
-        if previous is not None:  # a refused resume leaves the run as it was
-            (out / "meta.json").write_text(previous)
-        raise
-    except BaseException:
-        meta["status"] = "interrupted"
-        _write_meta(out, meta)
-        raise
-    meta.update(status="finished", test_metrics=result.test_metrics, seconds=round(result.seconds, 2))
-    meta["test_accuracy"] = {k.split("/")[0]: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
-    _write_meta(out, meta)
-    return result
+            "noise_kind": args.noise_kind, "tasks": list(train.tasks),
+            "options": {k: getattr(args, k) for k in RUN_OPTIONS}}  # fmt: skip
+    return train_run(train, test, _config(args, method, knobs), out, meta=meta, resume=resume,
+                     checkpoint_every=args.checkpoint_every, float16=args.float16)  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .cache import CacheError
+    from .cache._writer import read_manifest
+
     knobs = {k: getattr(args, k) for k in SGS_KNOBS if getattr(args, k) is not None}
     if args.clamp is not None:
         knobs["clamp"] = tuple(args.clamp)
-    if args.resume:
-        if args.out is not None or knobs:
-            raise SystemExit("sgs-lab train: --resume DIR takes the run's own options; give no --out or SGS options")
-        out = Path(args.resume)
-        if not (out / "meta.json").exists():
-            raise SystemExit(f"sgs-lab train: {out} holds no run (no meta.json); start one with --out")
-        meta = json.loads((out / "meta.json").read_text())
-        if meta["status"] == "finished":
-            raise SystemExit(f"sgs-lab train: the run in {out} has finished; nothing to resume")
-        for key, value in meta["options"].items():
-            setattr(args, key, value)
-        args.method = meta["method"]
-        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["knobs"].items()}  # JSON made lists
-        try:
-            result = _run(args, args.method, knobs, out, resume=True, tasks=meta["tasks"])
-        except FileNotFoundError as exc:
-            raise SystemExit(f"sgs-lab train: {exc} (the run stopped before its first checkpoint: start it again)")
-    else:
-        if knobs and args.method != "sgs":
-            raise SystemExit(f"sgs-lab train: {', '.join('--' + k.replace('_', '-') for k in knobs)} apply to --method sgs only")
-        if args.out is None:
-            raise SystemExit("sgs-lab train: --out DIR is required (or --resume DIR)")
-        result = _run(args, args.method, knobs, Path(args.out))
-    print(json.dumps({"method": args.method, **result.test_metrics, "seconds": round(result.seconds, 1)}, indent=1))
+    try:
+        if args.resume:
+            if args.out is not None or knobs:
+                raise SystemExit(
+                    "sgs-lab train: --resume DIR takes the run's own options; give no --out or SGS options"
+                )
+            out = Path(args.resume)
+            try:
+                meta = read_manifest(out)
+            except CacheError as exc:
+                raise SystemExit(f"sgs-lab train: {out} holds no run ({exc}); start one with --out") from None
+            if meta["status"] == "finished":
+                raise SystemExit(f"sgs-lab train: the run in {out} has finished; nothing to resume")
+            for key, value in meta["options"].items():
+                setattr(args, key, value)
+            args.method = meta["method"]
+            knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["knobs"].items()}  # JSON made lists
+            try:
+                run = _run(args, args.method, knobs, out, resume=True, tasks=meta["tasks"])
+            except FileNotFoundError as exc:
+                raise SystemExit(f"sgs-lab train: {exc} (the run stopped before its first checkpoint: remove it with "
+                                 f"sgs-lab cache rm {out} and start it again)") from None  # fmt: skip
+        else:
+            if knobs and args.method != "sgs":
+                options = ", ".join("--" + k.replace("_", "-") for k in knobs)
+                raise SystemExit(f"sgs-lab train: {options} apply to --method sgs only")
+            if args.out is None:
+                raise SystemExit("sgs-lab train: --out DIR is required (or --resume DIR)")
+            run = _run(args, args.method, knobs, Path(args.out))
+    except CacheError as exc:
+        raise SystemExit(f"sgs-lab train: {exc}") from None
+    summary = {"method": args.method, **run.meta["test_metrics"], "seconds": round(run.meta["seconds"], 1)}
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -190,16 +185,16 @@ def _demo(args: argparse.Namespace) -> int:
     runs, rows = {}, []
     single = {}
     for task in ("left", "right"):  # single-task references for Δm%
-        single.update(_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).test_metrics)
+        single.update(_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).meta["test_metrics"])
     for method in ("ew", "sgs"):
         # short runs (SGS_LAB_FAST) shorten the warm-up too, or SGS would never leave it
         knobs = {"warmup": min(5, max(1, args.epochs // 6))} if method == "sgs" else {}
-        result = _run(args, method, knobs, out / method)
-        runs[method] = result
-        accuracy = {k: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
+        run = runs[method] = _run(args, method, knobs, out / method)
+        accuracy = {k: v for k, v in run.meta["test_metrics"].items() if k.endswith("accuracy")}
         rows.append({"method": method, **{k.split("/")[0]: v for k, v in accuracy.items()},
-                     "Δm% vs single-task": delta_m(accuracy, single), "seconds": round(result.seconds, 1)})  # fmt: skip
-    figures = [accuracy_figure({m: r.history for m, r in runs.items()}), weight_figure(runs["sgs"].sink.samples())]
+                     "Δm% vs single-task": delta_m(accuracy, single), "seconds": round(run.meta["seconds"], 1)})  # fmt: skip
+    samples = runs["sgs"].samples(columns=["epoch", "noisy", "present", "weight"])
+    figures = [accuracy_figure({m: r.history for m, r in runs.items()}), weight_figure(samples)]
     report = write_report(out / "report.html", "sgs_lab demo: MultiDigits, 40 % symmetric label noise", rows, figures)
     width = max(len(c) for c in rows[0])
     print(" ".join(f"{c:>{width}}" for c in rows[0]))
@@ -209,10 +204,77 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """Bytes from 500M, 2G, 10k or a plain number."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    text = text.strip().lower().removesuffix("b")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 500M or 2G)") from None
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""  # unreachable
+
+
+def _show_runs(runs) -> None:
+    if runs.empty:
+        print("no runs")
+        return
+    table = runs.assign(size=runs["bytes"].map(_human), age=runs["age_hours"].map(lambda h: f"{h:.1f} h"))
+    table = table[["path", "method", "seed", "noise", "status", "epochs", "rows", "size", "age", "test_accuracy"]]
+    print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .cache import CacheError, gc_runs, list_runs, remove_run
+
+    try:
+        if args.action == "ls":
+            _show_runs(list_runs(args.root))
+        elif args.action == "rm":
+            for path in args.runs:
+                print(f"removed {path} ({_human(remove_run(path))})")
+        else:
+            if args.older_than is None and args.status is None and args.max_size is None:
+                raise SystemExit("sgs-lab cache gc: give --older-than, --status and/or --max-size")
+            removed = gc_runs(args.root, older_than_hours=args.older_than, status=args.status,
+                              keep_bytes=args.max_size, dry_run=args.dry_run)  # fmt: skip
+            print(("would remove" if args.dry_run else "removed") + f" {len(removed)} run(s), "
+                  f"{_human(removed['bytes'].sum())}")  # fmt: skip
+            _show_runs(removed)
+    except CacheError as exc:
+        raise SystemExit(f"sgs-lab cache: {exc}") from None
+    return 0
+
+
+def _add_cache_command(commands) -> None:
+    cache = commands.add_parser("cache", help="list and prune stored runs")
+    actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser("ls", help="runs under ROOT: method, status, size, age")
+    ls.add_argument("root", metavar="ROOT")
+    rm = actions.add_parser("rm", help="remove run directories (never a live one, never a non-run)")
+    rm.add_argument("runs", nargs="+", metavar="DIR")
+    gc = actions.add_parser("gc", help="remove runs under ROOT by age, status or total size")
+    gc.add_argument("root", metavar="ROOT")
+    gc.add_argument("--older-than", type=float, metavar="HOURS", help="runs not updated for HOURS")
+    gc.add_argument("--status", choices=["interrupted", "finished", "corrupt"], help="runs with this status")
+    gc.add_argument("--max-size", type=_size, metavar="SIZE", help="then the oldest runs until the rest fit (e.g. 2G)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    cache.set_defaults(run=_cache)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .weighting import METHOD_HELP
 
-    parser = argparse.ArgumentParser(prog="sgs-lab", description="Per-sample gradient similarity for multitask learning.")
+    parser = argparse.ArgumentParser(
+        prog="sgs-lab", description="Per-sample gradient similarity for multitask learning."
+    )
     parser.add_argument("--version", action="version", version=f"sgs_lab {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check", help="check the engine against the per-sample loop oracle on this machine")
@@ -222,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="one training run on MultiDigits", description=f"Methods — {methods}")
     from .weighting import available_methods
 
-    train.add_argument("--method", default="ew", choices=available_methods(), metavar="M", help="weighting method (see above)")
-    train.add_argument("--out", help="run directory (checkpoint, history, meta.json)")
+    train.add_argument(
+        "--method", default="ew", choices=available_methods(), metavar="M", help="weighting method (see above)"
+    )
+    train.add_argument("--out", help="run directory (Parquet records, manifest.json, checkpoint)")
     train.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR exactly")
     _add_run_options(train)
     sgs = train.add_argument_group("SGS options (DESIGN §2; only with --method sgs)")
@@ -242,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(demo)
     demo.set_defaults(noise=0.4)
     demo.set_defaults(run=_demo)
+    _add_cache_command(commands)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

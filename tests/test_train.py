@@ -1,11 +1,10 @@
 """The trainer: repeatable, resumable, recording every statistic; the command line on top of it."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from sgs_lab.cache import open_run
 from sgs_lab.cli import main
 from sgs_lab.data import make_multidigits
 from sgs_lab.train import SAMPLE_COLUMNS, STEP_COLUMNS, MemorySink, TrainConfig, delta_m, fit
@@ -93,7 +92,7 @@ def test_cli_train_writes_a_finished_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", "sgs", "--noise", "0.2", "--seed", "1", "--epochs", "1", "--out", str(out),
                  "--train-size", "128", "--test-size", "64", "--reference", "loo"]) == 0  # fmt: skip
-    meta = json.loads((out / "meta.json").read_text())
+    meta = open_run(out).meta
     assert meta["status"] == "finished" and meta["method"] == "sgs" and meta["noise"] == {"left": 0.2, "right": 0.2}
     assert set(meta["test_accuracy"]) == {"left", "right"} and meta["knobs"] == {"reference": "loo"}
     assert '"method": "sgs"' in capsys.readouterr().out
@@ -115,7 +114,7 @@ def test_cli_demo_writes_a_self_contained_report(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "Δm% vs single-task" in printed and "report:" in printed
     for run in ("ew", "sgs", "single-left", "single-right"):
-        assert json.loads((tmp_path / run / "meta.json").read_text())["status"] == "finished"
+        assert open_run(tmp_path / run).status == "finished"
 
 
 def test_callbacks_see_every_epoch_and_bf16_autocast_trains(data):
@@ -169,11 +168,10 @@ def test_cli_resume_finishes_an_interrupted_run_like_a_straight_one(tmp_path, mo
     monkeypatch.setattr(sgs_lab.train, "fit", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         main(["train", *options, "--out", str(tmp_path / "resumed")])
-    assert json.loads((tmp_path / "resumed" / "meta.json").read_text())["status"] == "interrupted"
+    assert open_run(tmp_path / "resumed").status == "interrupted"
     monkeypatch.setattr(sgs_lab.train, "fit", real_fit)
     assert main(["train", "--resume", str(tmp_path / "resumed")]) == 0
-    straight = json.loads((tmp_path / "straight" / "meta.json").read_text())
-    resumed = json.loads((tmp_path / "resumed" / "meta.json").read_text())
+    straight, resumed = open_run(tmp_path / "straight").meta, open_run(tmp_path / "resumed").meta
     assert resumed["status"] == "finished" and resumed["test_metrics"] == straight["test_metrics"]
     with pytest.raises(SystemExit, match="has finished"):
         main(["train", "--resume", str(tmp_path / "resumed")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,19 @@ class TaskSet(Dataset):
 
     def __getitem__(self, i):
         return self.x[i], {task: y[i] for task, y in self.labels.items()}
+
+    def fingerprint(self) -> str:
+        """A SHA-256 hex digest of the inputs, labels (given and clean), masks, ids and task specs: two sets with
+        the same fingerprint train identically (the run cache keys runs by it)."""
+        digest = hashlib.sha256()
+        digest.update(repr(sorted((t, s.kind, s.n_classes) for t, s in self.tasks.items())).encode())
+        tensors = [self.x, self.sample_id] + [m[t] for t in sorted(self.tasks)
+                                              for m in (self.labels, self.clean, self.noisy, self.present)]
+        for tensor in tensors:
+            array = tensor.detach().cpu().contiguous().numpy()
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def with_noise(self, rates: dict[str, float] | float, *, kind: str = "symmetric", seed: int = 0) -> TaskSet:
         """A copy with ``rates`` of each classification task's labels flipped (see :func:`inject_noise`)."""

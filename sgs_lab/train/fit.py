@@ -139,6 +139,7 @@ def fit(
     progress: bool = True,
     checkpoint_every: int = 0,
     stop_after_steps: int | None = None,
+    record: bool = True,
 ) -> RunResult:
     """Train ``config.method`` on ``train``, evaluate on ``test`` after every epoch.
 
@@ -146,7 +147,8 @@ def fit(
     batch and class references) to ``sink`` (default: a MemorySink). With ``out`` a checkpoint is written at each
     epoch end (and every ``checkpoint_every`` steps); ``resume=True`` continues from it exactly: same batches, same
     random state, same method state. ``callbacks`` receive each epoch's summary dict.
-    ``stop_after_steps`` ends the run early (for tests of resuming).
+    ``stop_after_steps`` ends the run early (for tests of resuming). ``record=False`` records nothing (no batch
+    and class references either): the baseline the cache benchmark measures the recorder against.
     """
     from ..weighting import make_method
 
@@ -222,8 +224,9 @@ def fit(
             labels = {t: batch.labels[t] if s.kind == "classification" else torch.zeros_like(batch.labels[t], dtype=torch.long)
                       for t, s in train.tasks.items()}  # fmt: skip
             stats = probe.compute(losses, labels=labels, reference=method.reference, masks=batch.present)
-            sgs_batch = stats.cosine if method.reference == "batch" else stats.similarity("batch").cosine
-            sgs_class = stats.cosine if method.reference == "class" else stats.similarity("class").cosine
+            if record:
+                sgs_batch = stats.cosine if method.reference == "batch" else stats.similarity("batch").cosine
+                sgs_class = stats.cosine if method.reference == "class" else stats.similarity("class").cosine
             weights, task_weights = method.weights(stats, epoch=epoch)
             weights = torch.ones_like(stats.cosine) if weights is None else weights
             task_weights = torch.ones(len(losses), device=device) if task_weights is None else task_weights
@@ -239,10 +242,11 @@ def fit(
                 present = torch.stack([batch.present[t] for t in new])
                 method.after_step(stats, masked_mean(torch.stack(list(new.values())), present))
             global_step = epoch * steps_per_epoch + step
-            sink.write(*step_records(
-                epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
-                task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
-            ))  # fmt: skip
+            if record:
+                sink.write(*step_records(
+                    epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
+                    task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
+                ))  # fmt: skip
             epoch_loss += float(masked_mean(stats.losses, stats.mask).mean())
             epoch_steps += 1
             steps_done += 1
