@@ -95,7 +95,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=_positive, default=d["test_size"])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:1 …")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    parser.add_argument("--checkpoint-every", type=_positive, default=20, metavar="N",
+    parser.add_argument("--checkpoint-every", type=_positive, default=50, metavar="N",
                         help="commit records and a checkpoint every N steps (and at each epoch end)")  # fmt: skip
     parser.add_argument("--float16", action="store_true", help="store per-sample statistics as float16 (half size)")
 

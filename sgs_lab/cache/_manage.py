@@ -25,7 +25,7 @@ def run_key(config, train, test) -> str:
 
 
 def train_run(train, test, config, out, *, meta: dict | None = None, resume: bool = False, progress: bool = True,
-              checkpoint_every: int = 20, float16: bool = False, **fit_options) -> Run:  # fmt: skip
+              checkpoint_every: int = 50, float16: bool = False, **fit_options) -> Run:  # fmt: skip
     """Train ``config`` with :func:`sgs_lab.train.fit` and store the run in ``out`` (or finish the interrupted run
     there with ``resume=True``). Rows are committed every ``checkpoint_every`` steps and at each epoch end, each
     time with a checkpoint. Returns the finished :class:`Run`."""

@@ -53,10 +53,8 @@ def write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as handle:
-            json.dump(value, handle, indent=1, default=_jsonable)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            json.dump(value, handle, separators=(",", ":"), default=_jsonable)
+        os.replace(tmp, path)  # atomic against a killed process; no fsync: power-loss safety would cost ms per flush
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CacheError(f"could not write {path}: {exc}; {_remedy(exc)} (the previous {path.name} is intact)") from exc

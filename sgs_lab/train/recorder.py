@@ -63,7 +63,11 @@ def step_records(
     *, epoch: int, step: int, batch, outputs: dict[str, Tensor], stats, weights: Tensor, task_weights: Tensor,
     sgs_batch: Tensor, sgs_class: Tensor, specs: dict,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
-    """One step's rows: (samples, steps) as {column: array}, tasks in the order of ``stats.tasks``."""
+    """One step's rows: (samples, steps) as {column: array}, tasks in the order of ``stats.tasks``.
+
+    Every value is formed on the statistics' device and copied to the host in one transfer: recording runs each
+    step, so per-column copies would cost more than the statistics themselves on small models.
+    """
     n_tasks, size = stats.cosine.shape
     # the minimum over the *other* tasks that label the sample (NaN pairs are tasks without its label)
     conflict = stats.conflict.nan_to_num(nan=float("inf"))
@@ -71,34 +75,36 @@ def step_records(
     conflict[:, eye] = float("inf")
     per_task_conflict = conflict.amin(2).T  # (T, B)
     per_task_conflict = per_task_conflict.masked_fill(per_task_conflict.isinf(), float("nan"))
-    columns: dict[str, list] = {c: [] for c in SAMPLE_COLUMNS}
-    for t, task in enumerate(stats.tasks):
-        label = batch.labels[task]
-        pred, p_label, margin = _prediction_columns(outputs[task].detach(), label, specs[task].kind)
-        present = batch.present[task]
-        missing = lambda v: torch.where(present, v.float(), torch.full_like(v, float("nan"), dtype=torch.float32))  # noqa: E731
-        values = {  # a missing label leaves NaN in everything derived from it (the present column says why)
-            "label": missing(label), "clean_label": batch.clean[task].float(), "noisy": batch.noisy[task],
-            "present": present, "pred": pred, "p_label": missing(p_label), "margin": missing(margin),
-            "loss": missing(stats.losses[t]), "sgs": stats.cosine[t], "sgs_batch": sgs_batch[t],
-            "sgs_class": sgs_class[t], "grad_norm": stats.norm[t], "weight": missing(weights[t]),
-            "conflict": per_task_conflict[t],
-        }  # fmt: skip
-        for name, value in values.items():
-            columns[name].append(value.detach().float().cpu().numpy() if name not in ("noisy", "present") else value.cpu().numpy())
-        columns["task"].append(np.full(size, task, dtype=object))
-        columns["sample_id"].append(batch.sample_id.cpu().numpy())
-    samples = {c: np.concatenate(v) for c, v in columns.items() if v}
+    per_task = [
+        _prediction_columns(outputs[task].detach(), batch.labels[task], specs[task].kind) for task in stats.tasks
+    ]
+    present = torch.stack([batch.present[t] for t in stats.tasks])  # (T, B)
+    noisy = torch.stack([batch.noisy[t] for t in stats.tasks])
+    labels = torch.stack([batch.labels[t].float() for t in stats.tasks])
+    clean = torch.stack([batch.clean[t].float() for t in stats.tasks])
+    pred, p_label, margin = (torch.stack([columns[k] for columns in per_task]) for k in range(3))
+    given = {"label": labels, "p_label": p_label, "margin": margin, "loss": stats.losses, "weight": weights}
+    values = {  # a missing label leaves NaN in everything derived from it (the present column says why)
+        **{name: torch.where(present, v.float(), torch.nan) for name, v in given.items()},
+        "clean_label": clean, "pred": pred, "sgs": stats.cosine, "sgs_batch": sgs_batch, "sgs_class": sgs_class,
+        "grad_norm": stats.norm, "conflict": per_task_conflict,
+    }  # fmt: skip
+    floats = torch.stack([v.detach().float() for v in values.values()]).reshape(len(values), -1).cpu().numpy()
+    flags = torch.stack([noisy, present]).reshape(2, -1).cpu().numpy()
+    samples = dict(zip(values, floats))
+    samples.update(noisy=flags[0], present=flags[1])
+    samples["task"] = np.repeat(np.array(stats.tasks, dtype=object), size)
+    samples["sample_id"] = np.tile(batch.sample_id.cpu().numpy(), n_tasks)
     samples["epoch"] = np.full(n_tasks * size, epoch, dtype=np.int32)
     samples["step"] = np.full(n_tasks * size, step, dtype=np.int64)
-    consistency = masked_mean(stats.cosine, stats.mask)
-    mean_loss = masked_mean(stats.losses, stats.mask)
+    task_values = torch.stack([task_weights.detach().float(), masked_mean(stats.losses, stats.mask).float(),
+                               masked_mean(stats.cosine, stats.mask).float()]).cpu().numpy()  # fmt: skip
     steps = {
         "epoch": np.full(n_tasks, epoch, dtype=np.int32),
         "step": np.full(n_tasks, step, dtype=np.int64),
         "task": np.array(stats.tasks, dtype=object),
-        "task_weight": task_weights.detach().float().cpu().numpy(),
-        "loss": mean_loss.float().cpu().numpy(),
-        "consistency": consistency.float().cpu().numpy(),
+        "task_weight": task_values[0],
+        "loss": task_values[1],
+        "consistency": task_values[2],
     }
-    return samples, steps
+    return {c: samples[c] for c in SAMPLE_COLUMNS}, steps
