@@ -178,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .report import accuracy_figure, weight_figure, write_report
+    from .report import report_runs
     from .train import delta_m
 
     out = Path(args.out)
@@ -193,14 +193,30 @@ def _demo(args: argparse.Namespace) -> int:
         accuracy = {k: v for k, v in run.meta["test_metrics"].items() if k.endswith("accuracy")}
         rows.append({"method": method, **{k.split("/")[0]: v for k, v in accuracy.items()},
                      "Δm% vs single-task": delta_m(accuracy, single), "seconds": round(run.meta["seconds"], 1)})  # fmt: skip
-    samples = runs["sgs"].samples(columns=["epoch", "noisy", "present", "weight"])
-    figures = [accuracy_figure({m: r.history for m, r in runs.items()}), weight_figure(samples)]
-    report = write_report(out / "report.html", "sgs_lab demo: MultiDigits, 40 % symmetric label noise", rows, figures)
+    report = report_runs(runs, out / "report.html", "sgs_lab demo: MultiDigits, 40 % symmetric label noise", rows)
     width = max(len(c) for c in rows[0])
     print(" ".join(f"{c:>{width}}" for c in rows[0]))
     for row in rows:
         print(" ".join(f"{v:>{width}.3f}" if isinstance(v, float) else f"{v!s:>{width}}" for v in row.values()))
     print(f"report: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .cache import CacheError, find_runs, open_run
+    from .report import report_runs
+
+    root = Path(args.dir)
+    try:
+        paths = find_runs(root)
+        if not paths:
+            raise SystemExit(f"sgs-lab report: no runs under {root}")
+        runs = {(str(p.relative_to(root)) if p != root else p.name): open_run(p) for p in paths}
+        out = Path(args.out) if args.out else root / "report.html"
+        report_runs(runs, out, args.title or f"sgs_lab report: {root}")
+    except CacheError as exc:
+        raise SystemExit(f"sgs-lab report: {exc}") from None
+    print(f"report: {out} ({len(runs)} run(s))")
     return 0
 
 
@@ -307,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(noise=0.4)
     demo.set_defaults(run=_demo)
     _add_cache_command(commands)
+    report = commands.add_parser("report", help="one self-contained HTML page of the runs in DIR (a run or a root)")
+    report.add_argument("dir", metavar="DIR")
+    report.add_argument("--out", help="the HTML file (default: DIR/report.html)")
+    report.add_argument("--title")
+    report.set_defaults(run=_report)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

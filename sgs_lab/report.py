@@ -3,53 +3,65 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 
-def _plotly():
-    try:
-        import plotly.graph_objects as go
-    except ImportError as exc:  # pragma: no cover - plotly is a dependency
-        raise ImportError("the report needs plotly: pip install plotly") from exc
-    return go
+def run_summary(runs: Mapping[str, object]) -> list[dict]:
+    """One row per run: name, method, status, mean noise rate, test accuracy per task, seconds."""
+    rows = []
+    for name, run in runs.items():
+        meta = run.meta
+        noise = meta.get("noise") or {}
+        row = {"run": name, "method": meta.get("method"), "status": meta["status"],
+               "noise": sum(noise.values()) / len(noise) if noise else 0.0}  # fmt: skip
+        row.update({f"{task} accuracy": value for task, value in (meta.get("test_accuracy") or {}).items()})
+        row["seconds"] = meta.get("seconds")
+        rows.append(row)
+    return rows
 
 
-def accuracy_figure(runs: dict[str, list[dict]]):
-    """Test accuracy per epoch, one line per (run, task)."""
-    go = _plotly()
-    fig = go.Figure()
-    for name, history in runs.items():
-        for key in sorted(k for k in history[0] if k.endswith("/accuracy")):
-            task = key.split("/")[1]
-            fig.add_scatter(x=[h["epoch"] for h in history], y=[h[key] for h in history], name=f"{name} · {task}")
-    fig.update_layout(title="Test accuracy", xaxis_title="epoch", yaxis_title="accuracy", template="plotly_white")
-    return fig
+def run_figures(runs: Mapping[str, object]) -> list:
+    """The report's figures for cached runs (``sgs_lab.cache.Run``): training dynamics of all runs overlaid, then
+    per run the last epoch's SGS and sample-weight distributions (clean vs wrong labels), the task-conflict
+    heatmap and the data map over all epochs."""
+    from . import viz
+
+    dynamics = viz.dynamics_table({n: r.history for n, r in runs.items()}, {n: r.steps() for n, r in runs.items()})
+    figures = [viz.training_dynamics(dynamics, title="Training dynamics")] if len(dynamics) else []
+    for name, run in runs.items():
+        history = run.history
+        last = history[-1]["epoch"] if history else None
+        columns = ["task", "sample_id", "noisy", "present", "sgs", "weight", "conflict"]
+        recent = run.samples(epochs=last, columns=columns)
+        if recent.empty:
+            continue
+        figures.append(viz.sgs_histogram(recent, title=f"{name}: sample gradient similarity, last epoch"))
+        weights = recent["weight"].dropna()
+        if len(weights) and not np.allclose(weights, 1.0):  # equal weighting: a single bar says nothing
+            figures.append(viz.weight_histogram(recent, title=f"{name}: sample weights, last epoch"))
+        if recent["task"].nunique() > 1:
+            figures.append(viz.task_conflict_heatmap(recent, title=f"{name}: task conflict, last epoch"))
+        epochs = run.samples(columns=["task", "sample_id", "epoch", "p_label", "noisy"])
+        figures.append(viz.data_map(epochs, title=f"{name}: data map (confidence vs variability over epochs)"))
+    return figures
 
 
-def weight_figure(samples: dict[str, np.ndarray], last_epochs: int = 3):
-    """Distribution of the sample weights w of mislabelled and clean samples over the last epochs."""
-    go = _plotly()
-    recent = samples["epoch"] >= samples["epoch"].max() - last_epochs + 1
-    fig = go.Figure()
-    for flag, name in ((False, "clean label"), (True, "wrong label")):
-        pick = recent & (samples["noisy"] == flag) & samples["present"]
-        fig.add_histogram(x=samples["weight"][pick], name=name, opacity=0.6, histnorm="probability", nbinsx=40)
-    fig.update_layout(
-        barmode="overlay", title=f"SGS sample weights, last {last_epochs} epochs", xaxis_title="weight w",
-        template="plotly_white",
-    )  # fmt: skip
-    return fig
+def report_runs(runs: Mapping[str, object], path: str | Path, title: str, table: list[dict] | None = None) -> Path:
+    """Write one self-contained HTML page for cached runs: ``table`` (default :func:`run_summary`) and
+    :func:`run_figures`."""
+    return write_report(path, title, run_summary(runs) if table is None else table, run_figures(runs))
 
 
 def write_report(path: str | Path, title: str, table: list[dict], figures: list) -> Path:
     """One HTML page: a title, a summary table (list of row dicts) and the figures; plotly.js inlined once."""
     path = Path(path)
-    columns = list(table[0]) if table else []
+    columns = list(dict.fromkeys(c for row in table for c in row))  # rows may differ (single-task runs)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns) + "</tr>" for row in table
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>" for row in table
     )
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     page = (
@@ -63,4 +75,6 @@ def write_report(path: str | Path, title: str, table: list[dict], figures: list)
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
