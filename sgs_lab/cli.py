@@ -98,6 +98,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=_positive, default=50, metavar="N",
                         help="commit records and a checkpoint every N steps (and at each epoch end)")  # fmt: skip
     parser.add_argument("--float16", action="store_true", help="store per-sample statistics as float16 (half size)")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="model and statistics")
 
 
 def _data(args):
@@ -112,12 +114,12 @@ def _config(args, method: str, knobs: dict):
 
     return TrainConfig(
         method=method, knobs=knobs, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, device=args.device, bf16=args.bf16,
+        seed=args.seed, device=args.device, bf16=args.bf16, optimizer=args.optimizer, dtype=args.dtype,
     )  # fmt: skip
 
 
 RUN_OPTIONS = ("noise", "noise_kind", "seed", "epochs", "batch_size", "lr", "model", "train_size", "test_size", "bf16",
-               "checkpoint_every", "float16")  # fmt: skip
+               "checkpoint_every", "float16", "optimizer", "dtype")  # fmt: skip
 
 
 def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tasks=None):
@@ -134,9 +136,35 @@ def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tas
                      checkpoint_every=args.checkpoint_every, float16=args.float16)  # fmt: skip
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun on ``--nproc`` local processes (gloo on CPU, NCCL on GPUs)."""
+    import subprocess
+
+    from .distributed import torchrun_command
+
+    rest, skip = [], False
+    for item in argv:  # the same command without --nproc N
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    command = torchrun_command(args.nproc, rest)
+    print("running: " + " ".join(command), flush=True)
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))  # no oversubscription
+    return subprocess.run(command, env=env).returncode
+
+
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .cache import CacheError
     from .cache._writer import read_manifest
+
+    if args.nproc > 1:
+        return _launch(args, args.argv)
+    context = distributed.init(args.device) if distributed.launched_by_torchrun() else None
 
     knobs = {k: getattr(args, k) for k in SGS_KNOBS if getattr(args, k) is not None}
     if args.clamp is not None:
@@ -172,8 +200,13 @@ def _train(args: argparse.Namespace) -> int:
             run = _run(args, args.method, knobs, Path(args.out))
     except CacheError as exc:
         raise SystemExit(f"sgs-lab train: {exc}") from None
-    summary = {"method": args.method, **run.meta["test_metrics"], "seconds": round(run.meta["seconds"], 1)}
-    print(json.dumps(summary, indent=1))
+    if context is None or context.rank == 0:
+        summary = {"method": args.method, **run.meta["test_metrics"], "seconds": round(run.meta["seconds"], 1)}
+        print(json.dumps(summary, indent=1))
+    if context is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -305,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--out", help="run directory (Parquet records, manifest.json, checkpoint)")
     train.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR exactly")
+    train.add_argument("--nproc", type=_positive, default=1, metavar="N",
+                       help="train on N local processes under torchrun (DDP; gloo on CPU, NCCL on GPUs)")  # fmt: skip
     _add_run_options(train)
     sgs = train.add_argument_group("SGS options (DESIGN §2; only with --method sgs)")
     from .weighting._sgs import REFERENCES, SAMPLE_RULES, TASK_RULES
@@ -329,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--title")
     report.set_defaults(run=_report)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0

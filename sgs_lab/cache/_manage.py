@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, distributed
 from ._reader import Run, find_runs, list_runs, open_run
 from ._schema import MANIFEST, SCHEMA_VERSION
 from ._writer import CacheError, RunLockedError, RunWriter, read_manifest, writer_alive
@@ -40,12 +40,17 @@ def train_run(train, test, config, out, *, meta: dict | None = None, resume: boo
     meta.setdefault("config", dataclasses.asdict(config))
     meta.setdefault("data", {"train": train.fingerprint(), "test": test.fingerprint(), "train_size": len(train),
                              "test_size": len(test)})  # fmt: skip
-    with RunWriter(out, None if resume else meta, resume=resume, float16=float16) as writer:
+    context = distributed.current()
+    with RunWriter(out, None if resume else meta, resume=resume, float16=float16, context=context) as writer:
         result = fit(train, test, config, out=out, resume=resume, sink=writer, progress=progress,
                      checkpoint_every=checkpoint_every, callbacks=[writer.commit_epoch], **fit_options)  # fmt: skip
         if result.history and result.history[-1]["epoch"] == config.epochs - 1:
             accuracy = {k.split("/")[0]: v for k, v in result.test_metrics.items() if k.endswith("accuracy")}
             writer.finish(test_metrics=result.test_metrics, test_accuracy=accuracy, seconds=round(result.seconds, 2))
+    if context:
+        import torch.distributed as dist
+
+        dist.barrier(group=context.group)  # rank 0 has committed the finished manifest
     return open_run(out)
 
 

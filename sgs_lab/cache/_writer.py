@@ -175,18 +175,47 @@ class RunWriter:
     :meth:`finish` with the test metrics to mark it "finished".
     """
 
-    def __init__(self, directory: str | Path, meta: dict | None = None, *, resume: bool = False, float16: bool = False):
+    def __init__(self, directory: str | Path, meta: dict | None = None, *, resume: bool = False, float16: bool = False,
+                 context=None):  # fmt: skip
         self.path = Path(directory)
+        self.context = context  # sgs_lab.distributed.Context of a distributed run, else None
+        self.rank = context.rank if context else 0
+        self._buffer: dict[str, list[dict]] = {kind: [] for kind in TABLES}
+        error = None
+        if self.rank == 0:  # rank 0 owns the lock and the manifest; every rank writes its own chunks
+            try:
+                self._open_directory(meta or {}, resume, float16)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                error = exc
+        shared = {"error": None if error is None else f"{type(error).__name__}: {error}"}
+        if self.rank == 0 and error is None:
+            shared.update(next_chunk=self.manifest["next_chunk"], float16=self.manifest["float16"])
+        if context:
+            shared = _broadcast(shared, context)
+        if error is not None:
+            raise error
+        if shared["error"] is not None:
+            raise CacheError(f"rank 0 could not open {self.path}: {shared['error']}")
+        if self.rank != 0:
+            self.manifest = {"next_chunk": shared["next_chunk"], "float16": shared["float16"]}
+        self._schemas = {kind: table_schema(kind, self.manifest["float16"]) for kind in TABLES}
+
+    def _open_directory(self, meta: dict, resume: bool, float16: bool) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cannot create the run directory {self.path}: {exc}; {_remedy(exc)}") from exc
         self._lock = WriterLock(self.path)
         try:
-            self.manifest = self._open(meta or {}, resume, float16)
-            self._schemas = {kind: table_schema(kind, self.manifest["float16"]) for kind in TABLES}
-            self._buffer: dict[str, list[dict]] = {kind: [] for kind in TABLES}
-            self.manifest.update(status="running", writer={"pid": os.getpid(), "host": platform.node(), "since": now()})
+            self.manifest = self._open(meta, resume, float16)
+            world = self.context.world_size if self.context else 1
+            if resume and self.manifest.get("world_size", 1) != world:
+                raise CacheError(
+                    f"the run in {self.path} was written by {self.manifest.get('world_size', 1)} process(es); resume "
+                    f"it with the same number (--nproc {self.manifest.get('world_size', 1)}), not {world}"
+                )
+            self.manifest.update(status="running", world_size=world,
+                                 writer={"pid": os.getpid(), "host": platform.node(), "since": now()})  # fmt: skip
             self._commit()
         except BaseException:
             self._lock.release()
@@ -215,37 +244,61 @@ class RunWriter:
     # -- the sink interface used by fit -------------------------------------------------------------------------
     def write(self, samples: dict[str, np.ndarray], steps: dict[str, np.ndarray]) -> None:
         self._buffer["samples"].append(samples)
-        self._buffer["steps"].append(steps)
+        if self.rank == 0:  # step rows hold global-batch values, the same on every rank: stored once
+            self._buffer["steps"].append(steps)
 
     def flush(self) -> None:
-        """Write the buffered rows as one chunk per table, then commit them in the manifest."""
-        if not self._buffer["samples"]:
+        """Write the buffered rows as one chunk per table, then commit them in the manifest (in a distributed run
+        every rank writes its chunk and rank 0 commits them all)."""
+        if not self._buffer["samples"] and not self.context:
             return
         number = self.manifest["next_chunk"]
         written = []
         try:
             for kind, parts in self._buffer.items():
-                columns = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-                written.append(self._write_chunk(kind, number, columns))
+                if parts:
+                    columns = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+                    written.append(self._write_chunk(kind, self._chunk_name(kind, number), columns))
         except BaseException:
             for kind, entry in written:  # the manifest never listed them: leave no orphan behind
                 (self.path / entry["file"]).unlink(missing_ok=True)
             raise
+        if self.context:  # every rank's chunks are on disk before rank 0 commits any of them
+            written = [entry for part in _gather(written, self.context) for entry in part]
+        self._buffer = {kind: [] for kind in TABLES}
+        if not written:
+            return
+        self.manifest["next_chunk"] = number + 1
+        if self.rank != 0:
+            return
         for kind, entry in written:
             self.manifest["chunks"][kind].append(entry)
-        self.manifest["next_chunk"] = number + 1
         self.manifest["committed_step"] = max(e["steps"][1] for _, e in written) + 1
-        self._buffer = {kind: [] for kind in TABLES}
         self._commit()
+
+    def _chunk_name(self, kind: str, number: int, rank: int | None = None) -> str:
+        rank = self.rank if rank is None else rank
+        suffix = f"-r{rank}" if self.context else ""
+        return f"{kind}/part-{number:06d}{suffix}.parquet"
 
     def commit_epoch(self, summary: dict) -> None:
         """Record one epoch's summary in the manifest's history (committed with the next flush)."""
+        if self.rank != 0:
+            return
         history = [h for h in self.manifest["history"] if h["epoch"] != summary["epoch"]]  # a replayed epoch
         self.manifest["history"] = [*history, dict(summary)]
 
     def truncate(self, step: int) -> None:
         """Drop every stored row of steps ≥ ``step`` (a resumed run replays them) and any uncommitted file."""
         self._buffer = {kind: [] for kind in TABLES}
+        if self.rank == 0:
+            self._truncate(step)
+        if self.context:  # the others wait for it and continue its chunk numbering
+            self.manifest["next_chunk"] = _broadcast({"next_chunk": self.manifest["next_chunk"]}, self.context)[
+                "next_chunk"
+            ]
+
+    def _truncate(self, step: int) -> None:
         doomed = []
         for kind, entries in self.manifest["chunks"].items():
             kept = []
@@ -260,7 +313,9 @@ class RunWriter:
 
                     table = pq.read_table(self.path / entry["file"])
                     table = table.filter(np.asarray(table["step"]) < step)
-                    kept.append(self._write_chunk(kind, self.manifest["next_chunk"], table)[1])
+                    rank = int(entry["file"].rsplit("-r", 1)[1].split(".")[0]) if "-r" in entry["file"] else 0
+                    name = self._chunk_name(kind, self.manifest["next_chunk"], rank)
+                    kept.append(self._write_chunk(kind, name, table)[1])
                     self.manifest["next_chunk"] += 1
             self.manifest["chunks"][kind] = kept
         self.manifest["committed_step"] = min(self.manifest["committed_step"], step)
@@ -277,6 +332,8 @@ class RunWriter:
     def finish(self, **fields) -> None:
         """Flush, store ``fields`` (test metrics, seconds, …) and mark the run finished."""
         self.flush()
+        if self.rank != 0:
+            return
         self.manifest.update(fields)
         self.manifest["status"] = "finished"
         self.manifest["finished"] = now()
@@ -285,7 +342,7 @@ class RunWriter:
 
     def close(self, status: str = "interrupted") -> None:
         """Release the run without finishing it; rows after the last flush are dropped (resume replays them)."""
-        if self.manifest["status"] != "finished" and not self._lock._handle.closed:
+        if self.rank == 0 and self.manifest["status"] != "finished" and not self._lock._handle.closed:
             self.manifest["status"] = status
             try:
                 self._commit()
@@ -299,12 +356,11 @@ class RunWriter:
         self.close()
 
     # -- files --------------------------------------------------------------------------------------------------
-    def _write_chunk(self, kind: str, number: int, columns) -> tuple[str, dict]:
+    def _write_chunk(self, kind: str, relative: str, columns) -> tuple[str, dict]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = columns if isinstance(columns, pa.Table) else to_table(columns, self._schemas[kind])
-        relative = f"{kind}/part-{number:06d}.parquet"
         final = self.path / relative
         tmp = final.with_name(f".{final.name}.tmp")
         try:
@@ -323,3 +379,19 @@ class RunWriter:
     def _commit(self) -> None:
         self.manifest["updated"] = now()
         write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def _broadcast(value: dict, context) -> dict:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=context.group)
+    return box[0]
+
+
+def _gather(value: list, context) -> list[list]:
+    import torch.distributed as dist
+
+    out = [None] * context.world_size
+    dist.all_gather_object(out, value, group=context.group)
+    return out

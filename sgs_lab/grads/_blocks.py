@@ -8,7 +8,9 @@ cheap to contract (DESIGN §3). Every block answers the same questions, so stati
 - ``task_gram()``        (T, T)     ⟨S_s, S_t⟩ of the batch sums S_t = Σ_i G_{t,i};
 - ``batch_sums()``       (T, *space) the sums themselves, in the block's own parameter space (for EMA references);
 - ``ref_dots(R)``        (T, B)     ⟨G_{t,i}, R_t⟩ for a reference R in that space;
-- ``accumulate_grad(c)``            adds Σ_t Σ_i c_{t,i} G_{t,i} to the parameters' ``.grad``.
+- ``accumulate_grad(c)``            adds Σ_t Σ_i c_{t,i} G_{t,i} to the parameters' ``.grad``;
+- ``group_sums(ids, K)``  (T, K, *space) the group sums S_{t,k} themselves, and ``group_ref_dots(S, ids)`` (T, B)
+  ⟨G_{t,i}, S_{t,k(i)}⟩ for given sums — what a distributed run all-reduces and contracts (``sgs_lab.distributed``).
 
 Masked samples arrive with zero output gradients, so they contribute nothing to any sum.
 """
@@ -76,6 +78,28 @@ class Block:
         """Add Σ_t Σ_i coef_{t,i} G_{t,i} to the parameters' ``.grad``."""
         raise NotImplementedError
 
+    def group_sums(self, ids: Tensor, n_groups: int) -> Tensor:
+        """(T, K, *space): S_{t,k} = Σ_{i: ids[t,i]=k} G_{t,i} in the block's parameter space."""
+        if n_groups == 1:  # masked samples carry zero gradients: the batch sum is the group sum
+            return self.batch_sums()[:, None]
+        raise NotImplementedError
+
+    def group_ref_dots(self, sums: Tensor, ids: Tensor) -> Tensor:
+        """(T, B): ⟨G_{t,i}, sums[t, ids[t,i]]⟩ (0 where ids is −1)."""
+        if sums.shape[1] == 1:
+            return self.ref_dots(sums[:, 0]) * (ids >= 0)
+        out = sums.new_zeros(ids.shape)
+        for t in range(self.tasks):
+            for k in range(sums.shape[1]):
+                members = (ids[t] == k).nonzero().squeeze(1)
+                if len(members):
+                    out[t, members] = self._member_dots(sums[t, k], t, members)
+        return out
+
+    def _member_dots(self, ref: Tensor, t: int, members: Tensor) -> Tensor:
+        """⟨G_{t,i}, ref⟩ for the samples ``members``."""
+        raise NotImplementedError
+
     def write_grad(self, value: Tensor) -> None:
         """Add ``value``, a tensor in the block's parameter space (one row of ``batch_sums``), to ``.grad``."""
         raise NotImplementedError
@@ -107,6 +131,12 @@ class MaterialisedBlock(Block):
 
     def accumulate_grad(self, coef: Tensor) -> None:
         self.write_grad(torch.einsum("tb,tbd->d", coef.to(self.g.dtype), self.g))
+
+    def group_sums(self, ids: Tensor, n_groups: int) -> Tensor:
+        return torch.stack([_group_sums(self.g[t], ids[t], n_groups) for t in range(self.tasks)])
+
+    def _member_dots(self, ref: Tensor, t: int, members: Tensor) -> Tensor:
+        return self.g[t, members] @ ref
 
     def write_grad(self, value: Tensor) -> None:
         start = 0
@@ -246,6 +276,20 @@ class DenseBlock(Block):
         d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0).reshape(-1, self.d_out)
         self.write_grad(d.T @ self.a.reshape(-1, self.d_in))  # (d_out, d_in)
 
+    def group_sums(self, ids: Tensor, n_groups: int) -> Tensor:
+        if n_groups == 1:
+            return super().group_sums(ids, n_groups)
+        out = self.d.new_zeros((self.tasks, n_groups, self.d_out, self.d_in))
+        for t in range(self.tasks):
+            for k in range(n_groups):
+                members = (ids[t] == k).nonzero().squeeze(1)
+                if len(members):  # Σ_{i∈k} Σ_p δ_{i,p} a_{i,p}ᵀ as one matrix product
+                    out[t, k] = self.d[t, members].reshape(-1, self.d_out).T @ self.a[members].reshape(-1, self.d_in)
+        return out
+
+    def _member_dots(self, ref: Tensor, t: int, members: Tensor) -> Tensor:
+        return self._dots_with(ref, t, members)
+
     def write_grad(self, value: Tensor) -> None:
         start = 0
         for slot in self.slots:
@@ -319,6 +363,18 @@ class EmbeddingBlock(Block):
     def accumulate_grad(self, coef: Tensor) -> None:
         d = (coef.to(self.d.dtype)[:, :, None, None] * self.d).sum(0)
         self.write_grad(self._scatter(d, self.idx))
+
+    def group_sums(self, ids: Tensor, n_groups: int) -> Tensor:
+        out = self.d.new_zeros((self.tasks, n_groups, self.vocab, self.dim))
+        for t in range(self.tasks):
+            for k in range(n_groups):
+                members = (ids[t] == k).nonzero().squeeze(1)
+                if len(members):
+                    out[t, k] = self._scatter(self.d[t, members], self.idx[members])
+        return out
+
+    def _member_dots(self, ref: Tensor, t: int, members: Tensor) -> Tensor:
+        return (ref[self.idx[members]] * self.d[t, members]).sum((1, 2))
 
     def write_grad(self, value: Tensor) -> None:
         _add_grad(self.slots[0], value)

@@ -43,6 +43,10 @@ class SampleGradients:
         strategy: how dense layers are contracted: ``"auto"`` picks per layer by cost, ``"gram"`` or
             ``"materialise"`` force one (for benchmarks and tests).
         memory_cap: bytes of per-sample gradients or Gram matrix a layer may hold at once.
+        process_group: in a distributed run (``torch.distributed`` initialised, each process holding a shard of
+            the batch), the group whose ranks together hold the *global* batch: references, task Gramian and counts
+            are then over the global batch (all-reduced), per-sample dots and norms stay local, and
+            ``GradStats.total`` sums over every rank. ``None``: this process holds the whole batch.
 
     Use::
 
@@ -63,6 +67,7 @@ class SampleGradients:
         batchnorm: str = "error",
         strategy: str = "auto",
         memory_cap: int = DEFAULT_MEMORY_CAP,
+        process_group=None,
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"SampleGradients needs an nn.Module; got {type(module).__name__}")
@@ -74,6 +79,7 @@ class SampleGradients:
             raise ValueError('params= filters parameters; scope="output" uses none')
         self.module, self.backend, self.scope = module, backend, scope
         self.batchnorm, self.strategy, self.memory_cap = batchnorm, strategy, memory_cap
+        self.process_group = process_group
         self.dtype = module_dtype(module)
         self._plan(params)
         self._recording: Recording | None = None
@@ -239,6 +245,7 @@ class SampleGradients:
             autograd_leaves=[p for p in self.all_params.values() if id(p) not in covered],
             head_leaves=facts.head_leaves,
             fallback=fallback,
+            group=self.process_group,
         )
 
     def _blocks(self, rec: Recording, losses: list[Tensor], weights: Tensor, batch: int, facts) -> tuple[list, tuple]:

@@ -122,3 +122,50 @@ def similarity(
         n = count.clamp(min=1).to(sq.dtype)
         return group_dot / n, group_sq / n**2
     return _leave_one_out(group_dot, group_sq, sq, count)
+
+
+def global_group_sums(kind, blocks: list[Block], keep: Tensor, labels: Tensor | None, group) -> tuple:
+    """Group sums over the *global* batch of a distributed run: (ids, per-block sums (T, K, *space), counts (T, K)).
+
+    Each rank sums its own samples per group; one all-reduce of the concatenated sums (T·K·|θ| floats: the size of
+    T·K weight gradients) and one of the counts give every rank the global sums. Per-sample dots stay local.
+    """
+    import torch.distributed as dist
+
+    if kind == "class":
+        top = labels[keep].max() if keep.any() else torch.tensor(-1, device=keep.device)
+        top = top.reshape(1).to(torch.long)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)  # every rank needs the same number of classes
+        n_groups = max(int(top) + 1, 1)
+        ids = torch.where(keep, labels, torch.full_like(labels, -1))
+    else:
+        n_groups = 1
+        ids = torch.where(keep, torch.zeros_like(keep, dtype=torch.long), torch.full_like(keep, -1, dtype=torch.long))
+    sums = [b.group_sums(ids, n_groups) for b in blocks]
+    flat = torch.cat([s.flatten(2) for s in sums], 2)  # (T, K, Σ|θ_b|)
+    counts = torch.zeros(keep.shape[0], n_groups, dtype=torch.long, device=keep.device)
+    counts.scatter_add_(1, ids.clamp(min=0), keep.long())
+    dist.all_reduce(flat, group=group)
+    dist.all_reduce(counts, group=group)
+    sizes = [s[0, 0].numel() for s in sums]
+    parts = [part.reshape(s.shape) for part, s in zip(flat.split(sizes, 2), sums)]
+    return ids, parts, counts
+
+
+def global_similarity(kind, blocks: list[Block], sq: Tensor, keep: Tensor, labels, group, cache: dict):
+    """``similarity`` against references over the global batch of a distributed run (``cache`` keeps the
+    all-reduced sums per kind, so one step communicates each kind once)."""
+    if isinstance(kind, EMAReference):
+        raise NotImplementedError("an EMA reference is not supported in a distributed run; use batch, loo or class")
+    key = "class" if kind == "class" else "batch"
+    if key not in cache:
+        cache[key] = global_group_sums(key, blocks, keep, labels, group)
+    ids, sums, counts = cache[key]
+    group_dot = sum(b.group_ref_dots(s, ids) for b, s in zip(blocks, sums))  # (T, B)
+    group_sq = sum(s.flatten(2).pow(2).sum(2) for s in sums)  # (T, K): ‖S_{t,k}‖²
+    own = ids.clamp(min=0)
+    group_sq, count = group_sq.gather(1, own), counts.gather(1, own)
+    if kind == "batch":
+        n = count.clamp(min=1).to(sq.dtype)
+        return group_dot / n, group_sq / n**2
+    return _leave_one_out(group_dot, group_sq, sq, count)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._blocks import Block
-from .references import _safe_cosine, similarity
+from .references import _safe_cosine, global_group_sums, global_similarity, similarity
 
 
 class Similarity(NamedTuple):
@@ -57,6 +57,9 @@ class GradStats:
     _autograd_leaves: list[Tensor] = field(repr=False)
     _head_leaves: list[Tensor] = field(repr=False)
     _used: bool = field(default=False, repr=False)
+    _counts: Tensor | None = field(default=None, repr=False)  # (T,) labelled samples over the global batch
+    _group: object = field(default=None, repr=False)  # the process group of a distributed run
+    _global: dict = field(default_factory=dict, repr=False)  # all-reduced group sums, per reference kind
 
     def __repr__(self) -> str:
         return (
@@ -76,7 +79,29 @@ class GradStats:
             label_tensor = check_labels(labels, self.tasks, self.mask.shape[1], self.mask.device)
         if reference == "class" and label_tensor is None:
             raise ValueError('reference="class" needs integer labels: pass labels={task: (B,) tensor}')
-        return _similarity(reference, self._blocks, self._sq, self.mask, label_tensor, self.tasks)
+        if self._group is not None and labels is not None:
+            self._global.pop("class", None)  # other labels: other class sums
+        return _similarity(reference, self._blocks, self._sq, self.mask, label_tensor, self.tasks, self._group,
+                           self._global)  # fmt: skip
+
+    def total(self, values: Tensor) -> Tensor:
+        """Σ over the samples (last dimension) of ``values`` — over the global batch in a distributed run (one
+        all-reduce), so weighting methods normalise exactly as one process holding the whole batch would."""
+        out = values.sum(-1)
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out, group=self._group)
+        return out
+
+    def batch_max(self, values: Tensor) -> Tensor:
+        """Max over the samples (last dimension), over the global batch in a distributed run."""
+        out = values.amax(-1)
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self._group)
+        return out
 
     def backward(
         self, sample_weights: Tensor | None = None, task_weights: Tensor | None = None, *, heads: bool = True
@@ -106,7 +131,7 @@ class GradStats:
 
     def _coefficients(self, weights: Tensor) -> Tensor:
         """(T, B) weights → per-sample coefficients of L: weight / labelled count, 0 on masked samples."""
-        counts = self.mask.sum(1).clamp(min=1).to(weights.dtype)
+        counts = (self.mask.sum(1) if self._counts is None else self._counts).clamp(min=1).to(weights.dtype)
         return torch.where(self.mask, weights / counts[:, None], torch.zeros_like(weights))
 
     def _start(self) -> None:
@@ -121,10 +146,12 @@ class GradStats:
             total = sum((loss * c.to(loss.dtype)).sum() for loss, c in zip(self._attached_losses, coef))
             torch.autograd.backward(total, inputs=leaves)
 
-
     def jacobian(self) -> Tensor:
         """(T, P): each task's mean gradient over the probed parameters (labelled samples), rows concatenated block
         by block — what a gradient-aggregation method combines. Needs a parameter scope (not ``"output"``)."""
+        if self._group is not None:
+            raise NotImplementedError("jacobian() is not supported in a distributed run (aggregators need the whole "
+                                      "task gradients on one process); use a Gramian weighting, EW or SGS")  # fmt: skip
         blocks = [b for b in self._blocks if b.slots]
         if not blocks:
             raise ValueError('jacobian() needs parameters: probe with scope="all" or "last", not "output"')
@@ -142,7 +169,9 @@ class GradStats:
         like = [b.batch_sums()[0] for b in blocks]  # each block's parameter space (its shape and dtype)
         sizes = [t.numel() for t in like]
         if direction.dim() != 1 or direction.numel() != sum(sizes):
-            raise ValueError(f"direction must have shape ({sum(sizes)},) like a row of jacobian(); got {tuple(direction.shape)}")
+            raise ValueError(
+                f"direction must have shape ({sum(sizes)},) like a row of jacobian(); got {tuple(direction.shape)}"
+            )
         self._start()
         for block, part, space in zip(blocks, direction.detach().split(sizes), like):
             block.write_grad(part.reshape(space.shape).to(space.dtype))
@@ -165,8 +194,11 @@ def _check_weights(value: Tensor, shape: tuple, like: Tensor, name: str = "sampl
     return value
 
 
-def _similarity(reference, blocks, sq, keep, labels, tasks) -> Similarity:
-    dot, ref_sq = similarity(reference, blocks, sq, keep, labels, tasks)
+def _similarity(reference, blocks, sq, keep, labels, tasks, group=None, cache=None) -> Similarity:
+    if group is None:
+        dot, ref_sq = similarity(reference, blocks, sq, keep, labels, tasks)
+    else:
+        dot, ref_sq = global_similarity(reference, blocks, sq, keep, labels, group, cache)
     cosine = _safe_cosine(dot, sq, ref_sq)
     nan = torch.full_like(dot, float("nan"))
     return Similarity(
@@ -188,6 +220,7 @@ def assemble(
     autograd_leaves: list[Tensor],
     head_leaves: list[Tensor],
     fallback: tuple[str, ...],
+    group=None,
 ) -> GradStats:
     n_tasks, batch = keep.shape
     device = keep.device
@@ -195,17 +228,24 @@ def assemble(
     gram = torch.zeros(n_tasks, n_tasks, dtype=dtype, device=device)
     for block in blocks:  # cross first: a materialising block then forms its per-sample gradients once
         cross += block.cross()
-        gram += block.task_gram()
+        if group is None:
+            gram += block.task_gram()
+    global_sums, counts = {}, keep.sum(1)
+    if group is not None:  # the tasks' sums over the global batch: one all-reduce, reused by the batch reference
+        global_sums["batch"] = global_group_sums("batch", blocks, keep, labels, group)
+        _, sums, group_counts = global_sums["batch"]
+        flat = torch.cat([s[:, 0].flatten(1) for s in sums], 1)  # (T, Σ|θ_b|)
+        gram, counts = flat @ flat.T, group_counts[:, 0]
     sq = torch.diagonal(cross, dim1=1, dim2=2).T.contiguous()  # (T, B)
-    sim = _similarity(reference, blocks, sq, keep, labels, tasks)
+    sim = _similarity(reference, blocks, sq, keep, labels, tasks, group, global_sums)
     diag = torch.diagonal(cross, dim1=1, dim2=2)  # (B, T)
     conflict = _safe_cosine(cross, diag[:, :, None], diag[:, None, :])
     both = keep.T[:, :, None] & keep.T[:, None, :]
     conflict = torch.where(both, conflict, torch.full_like(conflict, float("nan")))
     gram_diag = torch.diagonal(gram)
     task_cosine = _safe_cosine(gram, gram_diag[:, None], gram_diag[None, :])
-    counts = keep.sum(1).clamp(min=1).to(dtype)
-    gramian = gram / (counts[:, None] * counts[None, :])
+    n = counts.clamp(min=1).to(dtype)
+    gramian = gram / (n[:, None] * n[None, :])
     norm = torch.where(keep, sq.clamp(min=0).sqrt(), torch.full_like(sq, float("nan")))
     return GradStats(
         tasks=tasks,
@@ -227,6 +267,9 @@ def assemble(
         _attached_losses=losses,
         _autograd_leaves=autograd_leaves,
         _head_leaves=head_leaves,
+        _counts=counts if group is not None else None,
+        _group=group,
+        _global=global_sums,
     )
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import TaskSet
 from ..grads import SampleGradients
 from ..grads.stats import masked_mean
@@ -43,12 +44,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present
     bf16: bool = False  # bf16 autocast for the forward (statistics accumulate in float32)
+    dtype: str = "float32"  # "float64": model, inputs and statistics in double precision (exactness checks)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive; got {self.epochs}, {self.batch_size}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adam' or 'sgd'")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}")
 
 
 @dataclass
@@ -70,7 +74,8 @@ def task_losses(outputs: dict[str, Tensor], batch: TaskSet) -> dict[str, Tensor]
     """Per-sample losses: cross-entropy for classification, squared error for regression."""
     losses = {}
     for task, spec in batch.tasks.items():
-        out = outputs[task].float()
+        out = outputs[task]
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 → float32; float64 stays
         if spec.kind == "classification":
             losses[task] = F.cross_entropy(out, batch.labels[task], reduction="none")
         else:
@@ -83,8 +88,9 @@ def evaluate(model: MultiTaskNet, data: TaskSet, device: torch.device, batch_siz
     """Per task: accuracy (classification, against clean labels) or mean squared error (regression), and loss."""
     model.eval()
     sums: dict[str, float] = {}
+    dtype = next(model.parameters()).dtype
     for lo in range(0, len(data), batch_size):
-        batch = _to(data.subset(torch.arange(lo, min(lo + batch_size, len(data)))), device)
+        batch = _to(data.subset(torch.arange(lo, min(lo + batch_size, len(data)))), device, dtype)
         outputs = model(batch.x)
         clean = dataclasses.replace(batch, labels=batch.clean)
         for task, loss in task_losses(outputs, clean).items():
@@ -96,12 +102,12 @@ def evaluate(model: MultiTaskNet, data: TaskSet, device: torch.device, batch_siz
     return {k: v / len(data) for k, v in sums.items()}
 
 
-def _to(batch: TaskSet, device: torch.device) -> TaskSet:
+def _to(batch: TaskSet, device: torch.device, dtype: torch.dtype = torch.float32) -> TaskSet:
     def move(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
         return {t: v.to(device) for t, v in mapping.items()}
 
     return TaskSet(
-        batch.x.to(device), move(batch.labels), batch.tasks, batch.sample_id.to(device), move(batch.clean),
+        batch.x.to(device, dtype), move(batch.labels), batch.tasks, batch.sample_id.to(device), move(batch.clean),
         move(batch.noisy), move(batch.present),
     )  # fmt: skip
 
@@ -154,18 +160,33 @@ def fit(
 
     if len(train) == 0 or len(test) == 0:
         raise ValueError("train and test sets must not be empty")
-    device = resolve_device(config.device)
+    context = distributed.current()
+    device = context.device if context else resolve_device(config.device)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
     sink = MemorySink() if sink is None else sink
     out = Path(out) if out is not None else None
     torch.manual_seed(config.seed)
-    model = build_model(config.model, tuple(train.x.shape[1:]), train.tasks).to(device)
+    model = build_model(config.model, tuple(train.x.shape[1:]), train.tasks).to(device, dtype)
     method = make_method(config.method, **config.knobs)
+    if context:
+        if not method.distributed:
+            raise ValueError(
+                f"{config.method!r} cannot train distributed: its weights read per-process means (losses, an EMA "
+                "reference or the task gradients themselves); use ew, sgs (batch, loo or class reference) or a "
+                "Gramian method (mgda, pcgrad, imtlg, upgrad, ...)"
+            )
+        distributed.check_batches(len(train), config.batch_size, context.world_size)
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's parameters and buffers and checks they agree; the forward runs on ddp.module,
+        # because stats.backward writes .grad without autograd (see sgs_lab.distributed)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None).module
     params = list(model.parameters())
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    probe = SampleGradients(model.encoder, scope=method.scope)
+    probe = SampleGradients(model.encoder, scope=method.scope, process_group=context.group if context else None)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     epoch_loss, epoch_steps = 0.0, 0
@@ -196,6 +217,8 @@ def fit(
             return
         out.mkdir(parents=True, exist_ok=True)
         sink.flush()
+        if context and context.rank != 0:
+            return  # every rank holds the same model and state: rank 0 keeps the checkpoint
         _save_atomic(
             {
                 "config": dataclasses.asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -208,7 +231,12 @@ def fit(
 
     started = time.perf_counter()
     steps_done = 0
-    bar = tqdm(range(start_epoch, config.epochs), desc=config.method, disable=not progress, leave=False)
+    bar = tqdm(
+        range(start_epoch, config.epochs),
+        desc=config.method,
+        disable=not progress or bool(context and context.rank),
+        leave=False,
+    )
     for epoch in bar:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 10007 + epoch))
         first = start_step if epoch == start_epoch else 0
@@ -216,7 +244,7 @@ def fit(
             epoch_loss, epoch_steps = 0.0, 0
         for step in range(first, steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = _to(train.subset(index), device)
+            batch = _to(train.subset(distributed.shard(index, context)), device, dtype)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16), probe.capture():
                 z = model.encoder(batch.x)
                 outputs = {task: head(z) for task, head in model.heads.items()}
@@ -235,6 +263,8 @@ def fit(
                 stats.apply_direction(method.aggregate(stats.jacobian()))
             else:
                 stats.backward(weights, task_weights)
+            if context:  # coefficients use global counts: the sum over ranks is the global batch's gradient
+                distributed.all_reduce_gradients(params, context.group)
             optimizer.step()
             if method.needs_new_losses:
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
@@ -247,7 +277,8 @@ def fit(
                     epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
                     task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
                 ))  # fmt: skip
-            epoch_loss += float(masked_mean(stats.losses, stats.mask).mean())
+            labelled = stats.total(stats.mask.to(stats.losses.dtype)).clamp(min=1)  # over the global batch
+            epoch_loss += float((stats.total(torch.where(stats.mask, stats.losses, 0.0)) / labelled).mean())
             epoch_steps += 1
             steps_done += 1
             if checkpoint_every and (step + 1) % checkpoint_every == 0:
@@ -265,6 +296,6 @@ def fit(
         bar.set_postfix({k.split("/")[1]: round(v, 3) for k, v in summary.items() if k.endswith("accuracy")})
         save(epoch + 1, 0)
     test_metrics = {k.removeprefix("test/"): v for k, v in history[-1].items() if k.startswith("test/")}
-    if out is not None:
+    if out is not None and not (context and context.rank != 0):
         (out / "history.json").write_text(json.dumps(history, indent=1))
     return RunResult(model, history, test_metrics, elapsed + time.perf_counter() - started, sink)

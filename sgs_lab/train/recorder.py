@@ -6,8 +6,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..grads.stats import masked_mean
-
 SAMPLE_COLUMNS = (
     "epoch", "step", "task", "sample_id", "label", "clean_label", "noisy", "present", "pred", "p_label", "margin",
     "loss", "sgs", "sgs_batch", "sgs_class", "grad_norm", "weight", "conflict",
@@ -97,8 +95,9 @@ def step_records(
     samples["sample_id"] = np.tile(batch.sample_id.cpu().numpy(), n_tasks)
     samples["epoch"] = np.full(n_tasks * size, epoch, dtype=np.int32)
     samples["step"] = np.full(n_tasks * size, step, dtype=np.int64)
-    task_values = torch.stack([task_weights.detach().float(), masked_mean(stats.losses, stats.mask).float(),
-                               masked_mean(stats.cosine, stats.mask).float()]).cpu().numpy()  # fmt: skip
+    labelled = stats.total(stats.mask.to(stats.losses.dtype)).clamp(min=1)  # over the global batch when distributed
+    means = [stats.total(torch.where(stats.mask, v, 0.0)) / labelled for v in (stats.losses, stats.cosine)]
+    task_values = torch.stack([task_weights.detach().float(), *(m.float() for m in means)]).cpu().numpy()
     steps = {
         "epoch": np.full(n_tasks, epoch, dtype=np.int32),
         "step": np.full(n_tasks, step, dtype=np.int64),

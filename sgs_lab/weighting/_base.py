@@ -36,6 +36,9 @@ class Method(ABC):
     #: when True the trainer recomputes the mean task losses on the same batch after the optimizer step and passes
     #: them to :meth:`after_step`
     needs_new_losses: bool = False
+    #: when True the method's weights depend only on statistics that are exact over the global batch of a
+    #: distributed run (``stats.total``, ``stats.gramian``, the references): it may train under torchrun
+    distributed: bool = False
 
     @abstractmethod
     def weights(self, stats, *, epoch: int) -> tuple[Tensor | None, Tensor | None]:
@@ -65,6 +68,7 @@ class EW(Method):
     r"""Equal weighting: every sample and every task weighs 1, :math:`L = \sum_t \mathrm{mean}_i \ell_{t,i}`."""
 
     name = "ew"
+    distributed = True
 
     def __init__(self, *, scope: str = "all") -> None:
         self.scope = check_choice("scope", scope, SCOPES)

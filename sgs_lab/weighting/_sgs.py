@@ -87,6 +87,10 @@ class SGS(Method):
         self.task_temperature, self.warmup, self.ema_decay = float(task_temperature), int(warmup), float(ema_decay)
         self.reference = EMAReference(ema_decay) if reference == "ema" else reference
 
+    @property
+    def distributed(self) -> bool:  # the EMA reference averages local means: not exact across ranks
+        return self.reference_name != "ema"
+
     def __repr__(self) -> str:
         return (
             f"SGS(reference={self.reference_name!r}, scope={self.scope!r}, similarity={self.similarity!r}, "
@@ -102,35 +106,37 @@ class SGS(Method):
             return uniform_sample_weights(stats), ones
         sim = stats.cosine if self.similarity == "cosine" else stats.dot
         sim = torch.where(stats.mask, sim, torch.zeros_like(sim)).nan_to_num(0.0)  # (T, B), 0 where masked
-        return self._sample_weights(sim, stats.mask), self._task_weights(sim, stats, ones)
+        return self._sample_weights(sim, stats), self._task_weights(sim, stats, ones)
 
-    def _sample_weights(self, sim: Tensor, mask: Tensor) -> Tensor:
+    def _sample_weights(self, sim: Tensor, stats) -> Tensor:
+        mask = stats.mask
         if self.sample_rule == "relu":
             raw = sim.clamp(min=0)
         elif self.sample_rule == "affine":
             raw = (1 + self.alpha * sim).clamp(min=0)
-        else:
+        else:  # n_t · softmax: exp(l − max) here, the normalisation by _mean_one (over the global batch)
             logits = (sim / self.temperature).masked_fill(~mask, float("-inf"))
-            raw = torch.softmax(logits, dim=1).nan_to_num(0.0)  # a task without labelled samples: all 0
-        w = _mean_one(torch.where(mask, raw, torch.zeros_like(raw)), mask)
+            top = stats.batch_max(logits)
+            raw = torch.exp(logits - top.where(torch.isfinite(top), torch.zeros_like(top))[:, None])
+        w = _mean_one(torch.where(mask, raw, torch.zeros_like(raw)), stats)
         if self.clamp is not None:
-            w = _mean_one(torch.where(mask, w.clamp(*self.clamp), torch.zeros_like(w)), mask)
+            w = _mean_one(torch.where(mask, w.clamp(*self.clamp), torch.zeros_like(w)), stats)
         return w
 
     def _task_weights(self, sim: Tensor, stats, ones: Tensor) -> Tensor:
         n_tasks = ones.shape[0]
-        count = stats.mask.sum(1).clamp(min=1).to(sim.dtype)
+        count = stats.total(stats.mask.to(sim.dtype)).clamp(min=1)
         if self.task_rule == "none":
             return ones
         if self.task_rule == "consistency":
-            consistency = sim.sum(1) / count  # (T,)
-            present = stats.mask.any(1)  # a task without labelled samples this step takes no share
+            consistency = stats.total(sim) / count  # (T,)
+            present = count_present(stats)  # a task without labelled samples this step takes no share
             if not present.any():
                 return ones
             logits = (consistency / self.task_temperature).masked_fill(~present, float("-inf"))
             return present.sum().to(sim.dtype) * torch.softmax(logits, dim=0)
         sq = torch.where(stats.mask, stats.norm, torch.zeros_like(stats.norm)).nan_to_num(0.0) ** 2
-        mean_sq = sq.sum(1) / count  # (T,)
+        mean_sq = stats.total(sq) / count  # (T,)
         mean_grad_sq = torch.diagonal(stats.gramian).clamp(min=0)
         rho = torch.where(mean_sq > 0, mean_grad_sq / mean_sq.where(mean_sq > 0, ones), torch.zeros_like(ones))
         total = rho.sum()
@@ -144,9 +150,16 @@ class SGS(Method):
             self.reference.load_state_dict(snapshot(state["ema"]))
 
 
-def _mean_one(raw: Tensor, mask: Tensor) -> Tensor:
-    """Rescale each row of non-negative ``raw`` (T, B) to mean 1 over its labelled samples; uniform if it sums to 0."""
-    count = mask.sum(1, keepdim=True).to(raw.dtype)
-    total = raw.sum(1, keepdim=True)
+def count_present(stats) -> Tensor:
+    """(T,) bool: the task has labelled samples in the (global) batch."""
+    return stats.total(stats.mask.to(stats.cosine.dtype)) > 0
+
+
+def _mean_one(raw: Tensor, stats) -> Tensor:
+    """Rescale each row of non-negative ``raw`` (T, B) to mean 1 over its labelled samples (of the global batch);
+    uniform if it sums to 0."""
+    mask = stats.mask
+    count = stats.total(mask.to(raw.dtype))[:, None]
+    total = stats.total(raw)[:, None]
     scaled = count * raw / total.where(total > 0, torch.ones_like(total))
     return torch.where(total > 0, scaled, mask.to(raw.dtype))

@@ -87,6 +87,8 @@ def _build(name: str, cls, options: dict, args: tuple = ()):
 class TorchJDWeighting(Method):
     """Task weights from a torchjd Gramian weighting of ``stats.gramian`` (see the module docstring)."""
 
+    distributed = True  # the Gramian is over the global batch
+
     def __init__(self, name: str, *, scope: str = "all", **options) -> None:
         self.name, self.spec = name, GRAMIAN[name]
         cls = getattr(jd_aggregation, self.spec.cls)
