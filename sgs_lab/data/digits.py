@@ -68,8 +68,9 @@ class TaskSet(Dataset):
         the same fingerprint train identically (the run cache keys runs by it)."""
         digest = hashlib.sha256()
         digest.update(repr(sorted((t, s.kind, s.n_classes) for t, s in self.tasks.items())).encode())
-        tensors = [self.x, self.sample_id] + [m[t] for t in sorted(self.tasks)
-                                              for m in (self.labels, self.clean, self.noisy, self.present)]
+        tensors = [self.x, self.sample_id] + [
+            m[t] for t in sorted(self.tasks) for m in (self.labels, self.clean, self.noisy, self.present)
+        ]
         for tensor in tensors:
             array = tensor.detach().cpu().contiguous().numpy()
             digest.update(f"{array.dtype}{array.shape}".encode())
