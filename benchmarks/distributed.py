@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 KINDS = ("sgs", "sgs-all", "ddp-ew")
 
 
