@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(noise=0.4)
     demo.set_defaults(run=_demo)
     _add_cache_command(commands)
+    from .detect.cli import add_detect_command
+
+    add_detect_command(commands)
     report = commands.add_parser("report", help="one self-contained HTML page of the runs in DIR (a run or a root)")
     report.add_argument("dir", metavar="DIR")
     report.add_argument("--out", help="the HTML file (default: DIR/report.html)")
