@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         big_n = 100_000 if args.quick else 500_000
         big = overhead(big_n, 1, 1 if args.quick else 2, root)
         agg = aggregate(synthetic_run(root / "ten-million", 2_000_000 if args.quick else 10_000_000), 3)
-    for name, result, goal in (("demo settings", demo, "1.05"), ("large", big, "1.10 at 1 M rows/epoch")):
+    for name, result, goal in (("demo settings", demo, "1.05"), ("large", big, "1.10")):
         print(f"recording overhead, {name} ({result['rows_per_epoch']:,} rows/epoch): cache {result['cache']:.1f} s, "
               f"bare training {result['bare']:.1f} s, with checkpoints only {result['checkpoints']:.1f} s -> "
               f"{result['ratio']:.3f}x bare, {result['ratio_checkpointed']:.3f}x checkpointed (goal <= {goal}x)")  # fmt: skip
