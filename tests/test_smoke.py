@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import sgs_lab
 from sgs_lab.cli import main
 
@@ -16,8 +18,15 @@ def test_readme_quick_start_runs():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.DOTALL).group(1)
     namespace: dict = {}
     exec(compile(code, "README quick start", "exec"), namespace)
     assert namespace["stats"].cosine.shape == (2, 32)
     assert all(p.grad is not None for p in namespace["encoder"].parameters())
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    command = readme.split("Tests:", 1)[1].split("```", 2)[1].strip()
+    assert (root / ".ci" / "run").read_text().strip().splitlines()[-1] == command
