@@ -119,7 +119,7 @@ def _config(args, method: str, knobs: dict):
 
 
 RUN_OPTIONS = ("noise", "noise_kind", "seed", "epochs", "batch_size", "lr", "model", "train_size", "test_size", "bf16",
-               "checkpoint_every", "float16", "optimizer", "dtype")  # fmt: skip
+               "checkpoint_every", "float16", "optimizer", "dtype", "device")  # fmt: skip
 
 
 def _run(args, method: str, knobs: dict, out: Path, *, resume: bool = False, tasks=None):
@@ -182,6 +182,11 @@ def _train(args: argparse.Namespace) -> int:
                 raise SystemExit(f"sgs-lab train: {out} holds no run ({exc}); start one with --out") from None
             if meta["status"] == "finished":
                 raise SystemExit(f"sgs-lab train: the run in {out} has finished; nothing to resume")
+            if "options" not in meta:
+                raise SystemExit(
+                    f"sgs-lab train: the run in {out} was not made by sgs-lab train (it records no command-line "
+                    "options); finish it from Python with sgs_lab.cache.get_or_train or train_run(..., resume=True)"
+                )
             for key, value in meta["options"].items():
                 setattr(args, key, value)
             args.method = meta["method"]
@@ -198,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
             if args.out is None:
                 raise SystemExit("sgs-lab train: --out DIR is required (or --resume DIR)")
             run = _run(args, args.method, knobs, Path(args.out))
-    except CacheError as exc:
+    except (CacheError, ValueError) as exc:
         raise SystemExit(f"sgs-lab train: {exc}") from None
     if context is None or context.rank == 0:
         summary = {"method": args.method, **run.meta["test_metrics"], "seconds": round(run.meta["seconds"], 1)}
@@ -210,6 +215,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_or_run(args, method: str, knobs: dict, out: Path, *, tasks=None):
+    """The finished run in ``out`` when it was made with these very options (a repeated demo), else a new one."""
+    from .cache import CacheError, open_run
+
+    if (out / "manifest.json").exists():
+        try:
+            run = open_run(out)
+        except CacheError as exc:
+            raise SystemExit(f"sgs-lab demo: {exc}") from None
+        same = run.meta.get("options") == {k: getattr(args, k) for k in RUN_OPTIONS} and run.meta.get("knobs") == knobs
+        if run.status == "finished" and same:
+            return run
+        raise SystemExit(
+            f"sgs-lab demo: {out} holds an earlier {run.status} run with other options; remove it "
+            f"(sgs-lab cache rm {out}) or choose another --out"
+        )
+    try:
+        return _run(args, method, knobs, out, tasks=tasks)
+    except CacheError as exc:
+        raise SystemExit(f"sgs-lab demo: {exc}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .report import report_runs
     from .train import delta_m
@@ -218,11 +245,11 @@ def _demo(args: argparse.Namespace) -> int:
     runs, rows = {}, []
     single = {}
     for task in ("left", "right"):  # single-task references for Δm%
-        single.update(_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).meta["test_metrics"])
+        single.update(_stored_or_run(args, "ew", {}, out / f"single-{task}", tasks=[task]).meta["test_metrics"])
     for method in ("ew", "sgs"):
         # short runs (SGS_LAB_FAST) shorten the warm-up too, or SGS would never leave it
         knobs = {"warmup": min(5, max(1, args.epochs // 6))} if method == "sgs" else {}
-        run = runs[method] = _run(args, method, knobs, out / method)
+        run = runs[method] = _stored_or_run(args, method, knobs, out / method)
         accuracy = {k: v for k, v in run.meta["test_metrics"].items() if k.endswith("accuracy")}
         rows.append({"method": method, **{k.split("/")[0]: v for k, v in accuracy.items()},
                      "Δm% vs single-task": delta_m(accuracy, single), "seconds": round(run.meta["seconds"], 1)})  # fmt: skip
@@ -244,7 +271,14 @@ def _report(args: argparse.Namespace) -> int:
         paths = find_runs(root)
         if not paths:
             raise SystemExit(f"sgs-lab report: no runs under {root}")
-        runs = {(str(p.relative_to(root)) if p != root else p.name): open_run(p) for p in paths}
+        runs = {}
+        for path in paths:
+            try:
+                runs[str(path.relative_to(root)) if path != root else path.name] = open_run(path)
+            except CacheError as exc:  # one unreadable run does not sink the report of the others
+                print(f"skipped: {exc}", file=sys.stderr)
+        if not runs:
+            raise SystemExit(f"sgs-lab report: no readable runs under {root}")
         out = Path(args.out) if args.out else root / "report.html"
         report_runs(runs, out, args.title or f"sgs_lab report: {root}")
     except CacheError as exc:

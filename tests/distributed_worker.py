@@ -81,6 +81,14 @@ def main(out: Path) -> int:
             worst["task_weights"] = max(worst.get("task_weights", 0.0), float((whole[2] - split[2]).abs().max()))
             gap = max(float((a - b).detach().abs().max()) for a, b in zip(whole[3], split[3]))
             worst["parameters"] = max(worst.get("parameters", 0.0), gap)
+    # a similarity against other labels must not leak into the stats' own class reference afterwards
+    whole = step(*model(1), x, ys, masks, "batch", {"warmup": 0}, None, None)[0]
+    split = step(*model(1), x[mine], [y[mine] for y in ys], [m[mine] for m in masks], "batch", {"warmup": 0},
+                 context.group, context)[0]  # fmt: skip
+    other = {task: (y + 1) % (4 - k) for k, (task, y) in enumerate(zip(split.tasks, ys))}
+    split.similarity("class", labels={t: y[mine] for t, y in other.items()})
+    got, expected = split.similarity("class").cosine, whole.similarity("class").cosine[:, mine]
+    worst["class_after_other_labels"] = float((got - expected).nan_to_num(0).abs().max())
     # the check has teeth: the same shard without the process group (local references) gives other statistics
     local = step(*model(1), x[mine], [y[mine] for y in ys], [m[mine] for m in masks], "batch", {"warmup": 0},
                  None, None)  # fmt: skip

@@ -333,3 +333,68 @@ def test_list_remove_and_collect_runs(tmp_path, capsys):
         main(["cache", "rm", str(tmp_path)])
     with pytest.raises(SystemExit, match="give --older-than"):
         main(["cache", "gc", str(root)])
+
+
+# -- regressions found in review -------------------------------------------------------------------------------
+def test_a_run_goes_only_into_a_new_or_empty_directory_outside_other_runs(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "thesis.tex").write_text("months of work")
+    with pytest.raises(CacheError, match="not empty and holds no run"):
+        RunWriter(tmp_path / "project", {"method": "ew"})
+    outer = synthetic_run(tmp_path / "outer")
+    with pytest.raises(CacheError, match="is inside the run"):
+        RunWriter(outer.path / "inner", {"method": "ew"})
+    (tmp_path / "empty").mkdir()
+    synthetic_run(tmp_path / "empty")  # an empty directory is fine
+    assert (tmp_path / "project" / "thesis.tex").exists() and not (tmp_path / "project" / "manifest.json").exists()
+
+
+def test_removing_a_run_deletes_only_its_own_files(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    (run.path / "notes.txt").write_text("added by hand later")
+    cache.remove_run(run.path)
+    assert sorted(p.name for p in run.path.iterdir()) == ["notes.txt"]  # the run is gone, the notes stay
+
+
+def test_foreign_and_corrupt_manifests_neither_list_as_runs_nor_stop_gc(tmp_path):
+    root = tmp_path / "runs"
+    synthetic_run(root / "good")
+    (root / "webapp").mkdir(parents=True)
+    (root / "webapp" / "manifest.json").write_text(json.dumps({"name": "some web app"}))  # another tool's file
+    broken = synthetic_run(root / "broken")
+    (broken.path / "manifest.json").write_text("{ half")
+    runs = cache.list_runs(root)
+    assert sorted(Path(p).name for p in runs["path"]) == ["broken", "good"]
+    assert dict(zip(runs["path"].map(lambda p: Path(p).name), runs["status"]))["broken"] == "corrupt"
+    removed = cache.gc_runs(root, older_than_hours=-1)  # everything is "old": the good run goes, not the corrupt one
+    assert list(removed["path"].map(lambda p: Path(p).name)) == ["good"] and broken.path.exists()
+    removed = cache.gc_runs(root, status="corrupt")
+    assert list(removed["path"].map(lambda p: Path(p).name)) == ["broken"] and not broken.path.exists()
+    assert (root / "webapp" / "manifest.json").exists()
+
+
+def test_get_or_train_restarts_a_run_interrupted_before_its_first_checkpoint(tmp_path):
+    train, test = make_multidigits(64, 32, seed=0)
+    config = TrainConfig(epochs=1, batch_size=32)
+    out = tmp_path / f"ew-{cache.run_key(config, train, test)}"
+    with RunWriter(out, {"method": "ew"}):
+        pass  # killed before any checkpoint
+    assert open_run(out).status == "interrupted" and not (out / "checkpoint.pt").exists()
+    run = cache.get_or_train(config, tmp_path, train, test, progress=False)
+    assert run.status == "finished" and len(run.samples()) == 128
+
+
+def test_an_epoch_that_ends_right_after_a_flush_is_committed_to_the_history(tmp_path):
+    with RunWriter(tmp_path / "run", {"method": "ew"}) as writer:
+        writer.write(*records(0))
+        writer.flush()
+        writer.commit_epoch({"epoch": 0, "train_loss": 1.0})
+        writer.flush()  # nothing buffered: the summary alone must still reach the manifest
+        assert [h["epoch"] for h in open_run(tmp_path / "run").history] == [0]
+
+
+def test_epochs_may_be_numpy_integers(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    frame = run.samples()
+    last = frame["epoch"].max()  # a numpy integer
+    assert len(run.samples(epochs=last)) == (frame["epoch"] == last).sum() > 0

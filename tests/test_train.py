@@ -115,6 +115,11 @@ def test_cli_demo_writes_a_self_contained_report(tmp_path, monkeypatch, capsys):
     assert "Δm% vs single-task" in printed and "report:" in printed
     for run in ("ew", "sgs", "single-left", "single-right"):
         assert open_run(tmp_path / run).status == "finished"
+    # the same demo again reuses its finished runs; other options are refused, nothing is overwritten
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--train-size", "128", "--test-size", "64"]) == 0
+    assert "report:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds an earlier finished run with other options"):
+        main(["demo", "--out", str(tmp_path), "--epochs", "1", "--train-size", "96", "--test-size", "64"])
 
 
 def test_callbacks_see_every_epoch_and_bf16_autocast_trains(data):
@@ -157,7 +162,7 @@ def test_cli_resume_finishes_an_interrupted_run_like_a_straight_one(tmp_path, mo
 
     monkeypatch.setenv("SGS_LAB_FAST", "1")
     options = ["--method", "sgs", "--noise", "0.3", "--seed", "2", "--epochs", "2", "--train-size", "256",
-               "--test-size", "64", "--clamp", "0", "3", "--warmup", "0"]  # fmt: skip
+               "--test-size", "64", "--clamp", "0", "3", "--warmup", "0", "--device", "cpu"]  # fmt: skip
     assert main(["train", *options, "--out", str(tmp_path / "straight")]) == 0
     real_fit = sgs_lab.train.fit
 
@@ -179,3 +184,13 @@ def test_cli_resume_finishes_an_interrupted_run_like_a_straight_one(tmp_path, mo
         main(["train", "--resume", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit, match="run's own options"):
         main(["train", "--resume", str(tmp_path / "resumed"), "--out", str(tmp_path / "x")])
+
+
+def test_cli_resume_refuses_a_run_without_command_line_options(tmp_path):
+    from sgs_lab.cache import train_run
+
+    train, test = make_multidigits(64, 32, seed=0)
+    train_run(train, test, TrainConfig(epochs=2, batch_size=32), tmp_path / "run", progress=False,
+              stop_after_steps=2)  # fmt: skip
+    with pytest.raises(SystemExit, match="not made by sgs-lab train"):
+        main(["train", "--resume", str(tmp_path / "run")])

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 from .. import __version__, distributed
-from ._reader import Run, find_runs, list_runs, open_run
+from ._reader import Run, _is_run, directory_size, find_runs, list_runs, open_run
 from ._schema import MANIFEST, SCHEMA_VERSION
-from ._writer import CacheError, RunLockedError, RunWriter, read_manifest, writer_alive
+from ._writer import RUN_FILES, CacheError, RunLockedError, RunWriter, read_manifest, writer_alive
 
 
 def run_key(config, train, test) -> str:
@@ -65,19 +65,41 @@ def get_or_train(config, root, train, test, *, meta: dict | None = None, progres
             return run
         if run.status == "running":
             raise RunLockedError(f"{out} is being trained by another live process; open it with open_run to watch")
-        return train_run(train, test, config, out, resume=True, progress=progress)
+        if (out / "checkpoint.pt").exists():
+            return train_run(train, test, config, out, resume=True, progress=progress)
+        remove_run(out)  # interrupted before its first checkpoint: nothing to resume, start it again
     return train_run(train, test, config, out, meta={**(meta or {}), "key": key}, progress=progress)
 
 
-def remove_run(directory: str | Path) -> int:
-    """Delete one run directory; returns the bytes freed. Refuses a directory that is not a run or a run whose
-    writer is alive."""
+def remove_run(directory: str | Path, *, corrupt: bool = False) -> int:
+    """Delete one run: its own files (manifest, lock, checkpoint, history, report, chunk folders) and then the
+    directory if nothing else is left in it. Returns the bytes freed.
+
+    Refuses a directory that is not a run (``corrupt=True`` accepts an unreadable manifest in a directory laid out
+    like a run), a run whose writer is alive, and a run with other runs inside it.
+    """
     directory = Path(directory)
-    read_manifest(directory)  # raises for a directory that is not a run: never delete anything else
+    if not (corrupt and _is_run(directory)):
+        read_manifest(directory)  # raises for a directory that is not a run: never delete anything else
     if writer_alive(directory):
         raise RunLockedError(f"{directory} is being written by a live process; stop it before removing the run")
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    shutil.rmtree(directory)
+    nested = [p for p in find_runs(directory) if p != directory]
+    if nested:
+        raise CacheError(f"{directory} holds other runs ({', '.join(map(str, nested[:3]))}); remove those first")
+    size = 0
+    for name in RUN_FILES:
+        path = directory / name
+        if path.is_dir():
+            size += directory_size(path)
+            shutil.rmtree(path)
+        elif path.exists():
+            size += path.stat().st_size
+            path.unlink()
+    for leftover in directory.glob(".*.tmp"):  # a killed writer's temporary files
+        size += leftover.stat().st_size
+        leftover.unlink()
+    if not any(directory.iterdir()):
+        directory.rmdir()
     return size
 
 
@@ -85,9 +107,13 @@ def gc_runs(root: str | Path, *, older_than_hours: float | None = None, status: 
             keep_bytes: int | None = None, dry_run: bool = False):  # fmt: skip
     """Remove runs under ``root`` that are older than ``older_than_hours`` and/or have ``status`` ("interrupted",
     "finished", "corrupt"); then, with ``keep_bytes``, the oldest remaining runs until the rest fit. Live runs are
-    never removed. Returns the DataFrame of removed (or, with ``dry_run``, removable) runs."""
+    never removed, and corrupt runs only when ``status="corrupt"`` asks for them. Returns the DataFrame of removed
+    (or, with ``dry_run``, removable) runs; a run that cannot be removed is skipped with a warning."""
+    import warnings
+
     runs = list_runs(root)
-    runs = runs[runs["status"] != "running"].sort_values("updated", na_position="first")
+    runs = runs[(runs["status"] != "running") & ((runs["status"] != "corrupt") | (status == "corrupt"))]
+    runs = runs.sort_values("updated", na_position="first")
     chosen = runs.iloc[0:0]
     if older_than_hours is not None or status is not None:
         pick = runs["status"].notna()
@@ -101,13 +127,16 @@ def gc_runs(root: str | Path, *, older_than_hours: float | None = None, status: 
         excess = rest["bytes"].sum() - keep_bytes
         extra = rest[rest["bytes"].cumsum().shift(fill_value=0) < excess]  # oldest first until under the budget
         chosen = runs.loc[chosen.index.union(extra.index)]
-    if not dry_run:
-        for path in chosen["path"]:
-            if (Path(path) / MANIFEST).exists():
-                remove_run(path)
-            else:
-                raise CacheError(f"{path} lost its manifest while collecting; not removed")
-    return chosen.reset_index(drop=True)
+    if dry_run:
+        return chosen.reset_index(drop=True)
+    removed = []
+    for index, row in chosen.iterrows():
+        try:
+            remove_run(row["path"], corrupt=row["status"] == "corrupt")
+            removed.append(index)
+        except CacheError as exc:
+            warnings.warn(f"not removed: {exc}", stacklevel=2)
+    return chosen.loc[removed].reset_index(drop=True)
 
 
 __all__ = ["find_runs", "gc_runs", "get_or_train", "remove_run", "run_key", "train_run"]

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import numbers
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from ._schema import MANIFEST, TABLES
+from ._schema import LOCK, MANIFEST, TABLES
 from ._writer import CacheError, read_manifest, writer_alive
 
 
 def _as_list(value) -> list | None:
     if value is None:
         return None
-    if isinstance(value, (int, str)):
-        return [value]
-    return list(value)
+    if isinstance(value, (numbers.Integral, str)):  # numpy integers too (e.g. frame["epoch"].max())
+        return [int(value) if isinstance(value, numbers.Integral) else value]
+    return [int(v) if isinstance(v, numbers.Integral) else v for v in value]
 
 
 AGGREGATES = ("mean", "std", "min", "max", "count")
@@ -89,7 +91,10 @@ class Run:
             try:
                 table = pq.read_table(path, columns=needed)
             except FileNotFoundError as exc:
-                error = CacheError(f"chunk {path} listed in {self.path / MANIFEST} is missing")
+                error = CacheError(
+                    f"chunk {path} listed in {self.path / MANIFEST} is missing (if the run was being resumed, "
+                    "refresh() re-reads its manifest)"
+                )
                 if not skip_bad_chunks:
                     raise error from exc
                 warnings.warn(f"{error}; skipped", stacklevel=2)
@@ -197,12 +202,34 @@ def open_run(directory: str | Path) -> Run:
     return Run(Path(directory))
 
 
+def _is_run(directory: Path) -> bool:
+    """A manifest written by sgs_lab, or an unreadable one in a directory laid out like a run (a corrupt run);
+    other tools' manifest.json files are not runs."""
+    try:
+        return "schema_version" in json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError, TypeError):
+        return (directory / "samples").is_dir() or (directory / LOCK).exists()
+
+
 def find_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise CacheError(f"{root} is not a directory")
-    found = [root] if (root / MANIFEST).exists() else []
-    return found + sorted(p.parent for p in root.rglob(f"*/{MANIFEST}"))
+    candidates = [root] if (root / MANIFEST).exists() else []
+    candidates += sorted(p.parent for p in root.rglob(f"*/{MANIFEST}"))
+    return [p for p in candidates if _is_run(p)]
+
+
+def directory_size(directory: Path) -> int:
+    """Bytes under ``directory``; files that vanish meanwhile (a live writer's renames) are skipped."""
+    total = 0
+    for file in directory.rglob("*"):
+        try:
+            if file.is_file():
+                total += file.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def list_runs(root: str | Path):
@@ -215,7 +242,7 @@ def list_runs(root: str | Path):
     rows = []
     now = dt.datetime.now(dt.timezone.utc)
     for path in find_runs(root):
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = directory_size(path)
         try:
             run = Run(path)
         except CacheError:

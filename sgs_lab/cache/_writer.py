@@ -131,6 +131,20 @@ def writer_alive(directory: Path) -> bool:
         return False
 
 
+# What a run directory holds; removing a run deletes these and nothing else.
+RUN_FILES = (MANIFEST, LOCK, "checkpoint.pt", "checkpoint.pt.tmp", "history.json", "report.html", *TABLES)
+
+
+def check_new_run_directory(path: Path) -> None:
+    """A new run goes into a new or empty directory that is not inside another run: removing it later can then
+    never delete anything else."""
+    for parent in path.resolve().parents:
+        if (parent / MANIFEST).exists():
+            raise CacheError(f"{path} is inside the run {parent}; choose a directory outside it")
+    if path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
+        raise CacheError(f"{path} is not empty and holds no run: choose a new or empty directory for the run")
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.exists():
@@ -201,6 +215,8 @@ class RunWriter:
         self._schemas = {kind: table_schema(kind, self.manifest["float16"]) for kind in TABLES}
 
     def _open_directory(self, meta: dict, resume: bool, float16: bool) -> None:
+        if not resume:
+            check_new_run_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -251,6 +267,8 @@ class RunWriter:
         """Write the buffered rows as one chunk per table, then commit them in the manifest (in a distributed run
         every rank writes its chunk and rank 0 commits them all)."""
         if not self._buffer["samples"] and not self.context:
+            if getattr(self, "_history_changed", False):
+                self._commit()  # an epoch ended right after a flush: its summary must not wait for the next one
             return
         number = self.manifest["next_chunk"]
         written = []
@@ -267,6 +285,8 @@ class RunWriter:
             written = [entry for part in _gather(written, self.context) for entry in part]
         self._buffer = {kind: [] for kind in TABLES}
         if not written:
+            if self.rank == 0 and getattr(self, "_history_changed", False):
+                self._commit()  # an epoch ended right after a flush: its summary must not wait for the next one
             return
         self.manifest["next_chunk"] = number + 1
         if self.rank != 0:
@@ -287,6 +307,7 @@ class RunWriter:
             return
         history = [h for h in self.manifest["history"] if h["epoch"] != summary["epoch"]]  # a replayed epoch
         self.manifest["history"] = [*history, dict(summary)]
+        self._history_changed = True
 
     def truncate(self, step: int) -> None:
         """Drop every stored row of steps ≥ ``step`` (a resumed run replays them) and any uncommitted file."""
@@ -342,12 +363,14 @@ class RunWriter:
 
     def close(self, status: str = "interrupted") -> None:
         """Release the run without finishing it; rows after the last flush are dropped (resume replays them)."""
-        if self.rank == 0 and self.manifest["status"] != "finished" and not self._lock._handle.closed:
-            self.manifest["status"] = status
-            try:
+        if self.rank != 0 or self._lock._handle.closed:
+            return
+        try:
+            if self.manifest["status"] != "finished":
+                self.manifest["status"] = status
                 self._commit()
-            finally:
-                self._lock.release()
+        finally:
+            self._lock.release()  # also after a finish() whose last commit failed
 
     def __enter__(self):
         return self
@@ -379,6 +402,7 @@ class RunWriter:
     def _commit(self) -> None:
         self.manifest["updated"] = now()
         write_json_atomic(self.path / MANIFEST, self.manifest)
+        self._history_changed = False
 
 
 def _broadcast(value: dict, context) -> dict:

@@ -79,10 +79,11 @@ class GradStats:
             label_tensor = check_labels(labels, self.tasks, self.mask.shape[1], self.mask.device)
         if reference == "class" and label_tensor is None:
             raise ValueError('reference="class" needs integer labels: pass labels={task: (B,) tensor}')
-        if self._group is not None and labels is not None:
-            self._global.pop("class", None)  # other labels: other class sums
+        cache = self._global
+        if labels is not None:  # other labels: other class sums, kept out of the cache of the stats' own labels
+            cache = {k: v for k, v in self._global.items() if k != "class"}
         return _similarity(reference, self._blocks, self._sq, self.mask, label_tensor, self.tasks, self._group,
-                           self._global)  # fmt: skip
+                           cache)  # fmt: skip
 
     def total(self, values: Tensor) -> Tensor:
         """Σ over the samples (last dimension) of ``values`` — over the global batch in a distributed run (one

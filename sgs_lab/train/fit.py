@@ -200,8 +200,13 @@ def fit(
         if out is None or not (out / CHECKPOINT).exists():
             raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT} in {out}")
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)  # our own file
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError("the checkpoint was written with another configuration; resume with the same options")
+        saved, asked = dict(state["config"]), dataclasses.asdict(config)
+        saved.pop("device", None), asked.pop("device")  # a run may resume on another device
+        saved.setdefault("dtype", "float32")  # checkpoints written before the dtype option
+        if saved != asked:
+            changed = sorted(k for k in asked if saved.get(k) != asked[k])
+            raise ValueError(f"the checkpoint was written with another configuration ({', '.join(changed)} differ); "
+                             "resume with the same options")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
