@@ -40,7 +40,7 @@ def init(device: str = "auto") -> Context:
     """Join the process group torchrun describes in the environment (NCCL with CUDA, gloo otherwise)."""
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

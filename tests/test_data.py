@@ -128,3 +128,12 @@ def test_from_dataset_adapts_any_map_style_dataset():
         from_dataset([torch.zeros(3)])
     with pytest.raises(ValueError, match="empty"):
         from_dataset([])
+
+
+def test_fingerprints_tell_task_order_and_labels_apart():
+    from sgs_lab.data import make_multidigits
+
+    train, _ = make_multidigits(64, 32, seed=0)
+    assert train.fingerprint() == make_multidigits(64, 32, seed=0)[0].fingerprint()
+    assert train.only(["right", "left"]).fingerprint() != train.fingerprint()  # heads are built in task order
+    assert train.with_noise(0.2, seed=0).fingerprint() != train.fingerprint()

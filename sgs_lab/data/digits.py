@@ -67,9 +67,10 @@ class TaskSet(Dataset):
         """A SHA-256 hex digest of the inputs, labels (given and clean), masks, ids and task specs: two sets with
         the same fingerprint train identically (the run cache keys runs by it)."""
         digest = hashlib.sha256()
-        digest.update(repr(sorted((t, s.kind, s.n_classes) for t, s in self.tasks.items())).encode())
+        # task order matters (it orders the heads and their initialisation): no sorting
+        digest.update(repr([(t, s.kind, s.n_classes) for t, s in self.tasks.items()]).encode())
         tensors = [self.x, self.sample_id] + [
-            m[t] for t in sorted(self.tasks) for m in (self.labels, self.clean, self.noisy, self.present)
+            m[t] for t in self.tasks for m in (self.labels, self.clean, self.noisy, self.present)
         ]
         for tensor in tensors:
             array = tensor.detach().cpu().contiguous().numpy()
