@@ -561,6 +561,21 @@ def _model_key(model: nn.Module, train: TaskSet, test: TaskSet, described: dict)
     return digest.hexdigest()[:16]
 
 
+def _trained_run(root: Path, prefix: str, key: str):
+    """The finished run under ``root`` (directories named ``prefix``…) whose *trained* weights, data and options
+    have the key ``key`` (``meta["trained_key"]``), or None."""
+    from .cache import CacheError, open_run
+
+    for path in sorted(p for p in root.iterdir() if p.name.startswith(prefix) and (p / "manifest.json").exists()):
+        try:
+            run = open_run(path)
+        except (CacheError, OSError, ValueError, KeyError):  # an unreadable neighbour is not this call's business
+            continue
+        if run.meta.get("trained_key") == key and run.status == "finished" and (path / MODEL_FILE).exists():
+            return run
+    return None
+
+
 def train_custom(
     model: nn.Module,
     train: TaskSet,
@@ -583,9 +598,13 @@ def train_custom(
 
     The run is keyed by ``name``, the model's architecture and initial weights, the data and the options: called
     again with the same, it opens the stored run and loads the trained weights into ``model`` instead of
-    training. Losses: cross-entropy for classification tasks, squared error for regression. Adam with ``lr``;
-    ``epochs`` defaults to the notebook size's; SGS without ``warmup`` in ``knobs`` gets min(5, max(1,
-    epochs // 6)). Returns the :class:`sgs_lab.cache.Run`.
+    training. The key of the trained weights is stored too (``meta["trained_key"]``), so calling again with the
+    model object a first call trained (or one holding its weights) also reopens that run rather than training
+    on top of them; to train further from trained weights, give another ``name``.
+
+    Losses: cross-entropy for classification tasks, squared error for regression. Adam with ``lr``; ``epochs``
+    defaults to the notebook size's; SGS without ``warmup`` in ``knobs`` gets min(5, max(1, epochs // 6)). Returns
+    the :class:`sgs_lab.cache.Run`.
     """
     from tqdm.auto import tqdm
 
@@ -609,6 +628,11 @@ def train_custom(
                  "lr": lr, "seed": seed}  # fmt: skip
     key = _model_key(model, train, test, described)
     out = runs_root(root) / f"{name}-{method}-{key}"
+    if not (out / "manifest.json").exists():
+        trained = _trained_run(out.parent, f"{name}-{method}-", key)  # ``model`` may be the result of that run
+        if trained is not None:
+            model.load_state_dict(torch.load(trained.path / MODEL_FILE, map_location="cpu", weights_only=True))
+            return trained
     if (out / "manifest.json").exists():
         run = open_run(out)
         if run.status == "finished" and (out / MODEL_FILE).exists():
@@ -681,7 +705,8 @@ def train_custom(
         torch.save(model.state_dict(), out / MODEL_FILE)
         metrics = {k.removeprefix("test/"): v for k, v in history[-1].items() if k.startswith("test/")}
         accuracy = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("accuracy")}
-        writer.finish(test_metrics=metrics, test_accuracy=accuracy, seconds=round(time.perf_counter() - started, 2))
+        writer.finish(test_metrics=metrics, test_accuracy=accuracy, seconds=round(time.perf_counter() - started, 2),
+                      trained_key=_model_key(model, train, test, described))  # fmt: skip
     return open_run(out)
 
 

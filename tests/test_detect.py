@@ -175,6 +175,17 @@ def test_refusals_name_what_is_wrong(records):
     assert "auto" in METHODS
 
 
+def test_a_task_without_labelled_samples_is_not_called_missing(records):
+    missing = records["task"] == "b"  # every label of task "b" is missing
+    unlabelled = records.assign(present=~missing, label=records["label"].mask(missing))
+    for run in (unlabelled, Adapter(unlabelled), Adapter(records[records["task"] == "a"], {"tasks": ["a", "b"]})):
+        with pytest.raises(ValueError, match=r"task 'b' has no labelled samples.*the tasks with labels are \['a'\]"):
+            find_noisy(run, "b", method="loss")
+    with pytest.raises(ValueError, match=r"the run has no task 'c'; its tasks are \['a', 'b'\]"):
+        find_noisy(unlabelled, "c", method="loss")  # a task the run never had is still called missing
+    assert set(find_noisy(unlabelled, None, method="loss")["task"]) == {"a"}  # all tasks: the labelled ones
+
+
 def test_a_run_without_noise_is_ranked_but_not_evaluated(records):
     clean = records.assign(noisy=False)
     assert len(find_noisy(clean, "a", method="loss")) == SAMPLES  # detection still works

@@ -485,6 +485,25 @@ def test_train_custom_records_caches_and_restores(tmp_path, custom_data, monkeyp
     assert other.path != run.path and other.meta["method"] == "ew"
 
 
+def test_train_custom_again_with_the_model_it_trained_reopens_the_run(tmp_path, custom_data, monkeypatch):
+    monkeypatch.setenv("SGS_LAB_FAST", "1")
+    train, test = custom_data
+    model = _custom()
+    options = {"method": "ew", "epochs": 1, "batch_size": 16, "root": tmp_path, "name": "twice"}
+    run = lab.train_custom(model, train, test, **options)
+    trained = {key: value.clone() for key, value in model.state_dict().items()}
+    again = lab.train_custom(model, train, test, **options)  # the same object, now holding the trained weights
+    assert again.path == run.path and again.meta["created"] == run.meta["created"]
+    assert [p.name for p in tmp_path.iterdir()] == [run.path.name]  # no second run
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key  # not trained any further
+    holder = _custom(seed=5)  # another object given the trained weights is recognised too
+    holder.load_state_dict(trained)
+    assert lab.train_custom(holder, train, test, **options).path == run.path
+    further = lab.train_custom(model, train, test, **{**options, "epochs": 2})  # other options: a run of its own
+    assert further.path != run.path and len(further.history) == 2
+
+
 def test_train_custom_refuses_models_without_encoder_and_heads(tmp_path, custom_data):
     train, test = custom_data
     with pytest.raises(TypeError, match="encoder"):

@@ -419,3 +419,41 @@ def test_public_builders_have_filled_numpy_docstrings():
         assert not set(re.findall(r"\{(\w+)\}", doc)) & set(PARAMETERS), name  # every placeholder filled
         if "data_frame" in inspect.signature(obj).parameters:
             assert "Parameters\n----------" in doc and "Returns\n-------" in doc, name
+
+
+# --- half-precision runs -----------------------------------------------------------------------------------------
+
+STATISTICS = ["p_label", "margin", "loss", "sgs", "sgs_batch", "sgs_class", "grad_norm", "weight", "conflict"]
+
+
+@pytest.fixture(scope="module")
+def half_samples(samples):
+    """The records as a run stored with ``float16=True`` gives them back, and the same values in float64."""
+    half = samples.astype(dict.fromkeys(STATISTICS, np.float16))
+    return half, half.astype(dict.fromkeys(STATISTICS, np.float64))
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_builder_reads_float16_records_as_their_float64_values(half_samples, name):
+    half, wide = half_samples
+    assert BUILDERS[name](half, {}).to_json() == BUILDERS[name](wide, {}).to_json()
+
+
+def test_conflict_over_steps_band_and_tables_of_a_float16_run(half_samples, steps):
+    half, wide = half_samples
+    low, high, mean = viz.task_conflict_over_steps(half).data  # no float16 kernel for a grouped quantile
+    grouped = wide[wide["task"] == "left"].groupby("step")["conflict"]
+    np.testing.assert_allclose(low.y, grouped.quantile(0.1))
+    np.testing.assert_allclose(high.y, grouped.quantile(0.9))
+    np.testing.assert_allclose(mean.y, grouped.mean())  # summed in float64, not in half precision
+    pd.testing.assert_frame_equal(viz.task_conflict_table(half, by="step"), viz.task_conflict_table(wide, by="step"))
+    pd.testing.assert_frame_equal(viz.data_map_table(half, "p_label"), viz.data_map_table(wide, "p_label"))
+    one = half[half["sample_id"] == 3]
+    assert viz.sample_history(one, "loss").to_json() == viz.sample_history(wide.loc[one.index], "loss").to_json()
+    metrics = ["task_weight", "consistency"]
+    history = {"sgs": trained()[1]["sgs"].meta["history"]}
+    pd.testing.assert_frame_equal(
+        viz.dynamics_table(history, {"sgs": steps.astype(dict.fromkeys(metrics, np.float16))}),
+        viz.dynamics_table(history, {"sgs": steps.astype(dict.fromkeys(metrics, np.float16)).astype(
+            dict.fromkeys(metrics, np.float64))}),
+    )  # fmt: skip

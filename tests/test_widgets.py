@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import ipywidgets
@@ -10,9 +11,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 from plotly.callbacks import Points
-from test_viz import trained  # one short EW and one short SGS run, shared with the figure tests
+from test_viz import FrameRun, trained  # one short EW and one short SGS run, shared with the figure tests
 
 from sgs_lab import viz, widgets
+from sgs_lab.cache import RunWriter, open_run
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,40 @@ def test_conflict_dashboard_follows_the_epoch_slider_and_task(run, records):
     for got, want in zip(heights(dash.histogram_figure), expected):
         np.testing.assert_allclose(got, want)
     assert len(dash.timeline_figure.layout.shapes) == 2  # the zero line stays, one band
+
+
+STATISTICS = ["p_label", "margin", "loss", "sgs", "sgs_batch", "sgs_class", "grad_norm", "weight", "conflict"]
+
+
+def test_dashboards_open_on_a_float16_run(run, records):
+    half = records.astype(dict.fromkeys(STATISTICS, np.float16))  # as a run stored with float16=True reads
+    half_run = FrameRun(half, run.steps(), run.meta)
+    dash = widgets.conflict_dashboard(half_run)
+    wide = half.astype(dict.fromkeys(STATISTICS, np.float64))
+    grouped = wide[wide["task"] == "left"].groupby("step")["conflict"]
+    low, high, mean = dash.timeline_figure.data
+    np.testing.assert_allclose(low.y, grouped.quantile(0.1))
+    np.testing.assert_allclose(high.y, grouped.quantile(0.9))
+    np.testing.assert_allclose(mean.y, grouped.mean())
+    dash.epoch_slider.value = 1
+    rows = wide[(wide["epoch"] == 1) & (wide["task"] == "left")]
+    np.testing.assert_allclose(np.asarray(dash.matrix_figure.data[0].z, dtype=float)[0, 1], rows["conflict"].mean())
+    for dashboard in (widgets.weight_dashboard, widgets.sample_explorer, widgets.noise_dashboard):
+        assert dashboard(half_run).samples.select_dtypes("float16").empty  # read as float64
+    assert isinstance(widgets.compare_runs([half_run, run]), ipywidgets.VBox)
+
+
+def test_dashboards_refuse_a_run_without_rows_yet(tmp_path, run):
+    with RunWriter(tmp_path / "empty", {"method": "ew", "tasks": ["left", "right"]}):
+        pass  # the writer stopped before its first flush
+    empty = open_run(tmp_path / "empty")
+    message = f"run {tmp_path / 'empty'} has no committed rows yet; wait for its first flush or refresh"
+    for dashboard in (widgets.conflict_dashboard, widgets.weight_dashboard, widgets.sample_explorer,
+                      widgets.noise_dashboard):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dashboard(empty)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        widgets.compare_runs({"trained": run, "empty": empty})
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -192,6 +228,50 @@ def test_default_scorer_falls_back_to_the_small_loss_score(run, monkeypatch):
     got = widgets.default_scorer(run, "left")
     pd.testing.assert_frame_equal(got, loss_scorer(run, "left"))
     assert got["score"].is_monotonic_decreasing
+
+
+@pytest.fixture(scope="module")
+def mixed_run(run, records):
+    """The SGS run as if only "right" had injected noise, with a regression task listed first ("ink") and a task
+    whose labels are all missing ("loop")."""
+    frame = records.assign(noisy=records["noisy"] & (records["task"] == "right"))
+    left = frame[frame["task"] == "left"]
+    ink = left.assign(task="ink", label=left["sample_id"] * 0.37, clean_label=left["sample_id"] * 0.37,
+                      noisy=False, margin=np.nan, p_label=np.nan)  # fmt: skip
+    loop = left.assign(task="loop", label=np.nan, noisy=False, present=False, margin=np.nan, p_label=np.nan)
+    meta = {**run.meta, "tasks": ["ink", "loop", "left", "right"]}
+    return FrameRun(pd.concat([ink, loop, frame], ignore_index=True), run.steps(), meta)
+
+
+def test_noise_dashboard_offers_classification_tasks_and_starts_at_one_with_noise(mixed_run, records):
+    dash = widgets.noise_dashboard(mixed_run)  # the default scorer: sgs_lab.detect.find_noisy
+    assert dash.task_dropdown.options == ("left", "right", "all tasks")
+    assert dash.task_dropdown.value == "right" and dash.truth_known
+    right = records[records["task"] == "right"].groupby("sample_id")["noisy"].first()
+    assert f"against the {right.sum()} injected wrong labels" in dash.summary.value
+    assert len(dash.roc_figure.data) == 2 and len(dash.pr_figure.data) == 2  # curve and threshold marker
+
+    dash.task_dropdown.value = "left"  # no injected noise: a ranking, no curves
+    assert not dash.truth_known and not dash.scores["noisy"].any() and len(dash.scores) == 600
+    assert dash.scores["score"].is_monotonic_decreasing
+    assert (len(dash.roc_figure.data), len(dash.pr_figure.data)) == (0, 0)
+    assert "no injected-noise ground truth for task <b>left</b>: none of its 600 scored labels" in dash.summary.value
+    assert "precision <b>" not in dash.summary.value
+    dash.threshold_slider.value = float(dash.scores["score"].iloc[99])
+    assert dash.summary.value.startswith(f"flagged <b>{len(dash.flagged())}</b> of 600 ")
+    assert len(dash.flagged()) >= 100
+
+    dash.task_dropdown.value = "all tasks"  # the combined ranking is graded again ("right" has wrong labels)
+    assert dash.truth_known and "precision <b>" in dash.summary.value and len(dash.roc_figure.data) == 2
+    dash.task_dropdown.value = "right"
+    assert dash.truth_known and len(dash.roc_figure.data) == 2
+
+
+def test_noise_dashboard_refuses_a_run_without_class_labels(mixed_run):
+    samples = mixed_run.samples().astype({"task": str})
+    only = samples[samples["task"].isin(["ink", "loop"])]
+    with pytest.raises(ValueError, match=r"no classification task with labelled samples.*\['ink', 'loop'\]"):
+        widgets.noise_dashboard(FrameRun(only, mixed_run.steps(), {**mixed_run.meta, "tasks": ["ink", "loop"]}))
 
 
 # --- comparing runs ----------------------------------------------------------------------------------------------

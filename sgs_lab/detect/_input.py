@@ -44,7 +44,8 @@ def read_samples(run, columns: Sequence[str], *, why: str = "", epochs: Sequence
 
     Returns
     -------
-    DataFrame with one row per (epoch, task, sample_id) record, ``task`` as str, rows without a label dropped.
+    DataFrame with one row per (epoch, task, sample_id) record, ``task`` as str, rows without a label dropped;
+    ``attrs["recorded_tasks"]`` lists every task with records (labelled or not) in the chosen epochs.
     """
     wanted = list(dict.fromkeys([*columns]))
     if isinstance(run, pd.DataFrame):
@@ -70,7 +71,9 @@ def read_samples(run, columns: Sequence[str], *, why: str = "", epochs: Sequence
     keep = table["label"].notna()
     if "present" in table.columns:  # a missing label has no verdict to give; its rows say so
         keep = keep & table["present"].fillna(False).astype(bool)
-    return table[keep].reset_index(drop=True)
+    labelled = table[keep].reset_index(drop=True)
+    labelled.attrs["recorded_tasks"] = list(dict.fromkeys(table["task"].tolist()))
+    return labelled
 
 
 def _read_from_object(run, wanted: list[str], why: str, epochs) -> pd.DataFrame | dict:
@@ -95,10 +98,17 @@ def tasks_of(table: pd.DataFrame, meta: dict | None = None) -> list[str]:
 
 
 def check_task(table: pd.DataFrame, task: str, meta: dict | None = None) -> None:
-    """ValueError for a task the run does not have (listing the ones it has) or one without class labels."""
+    """ValueError for a task the run does not have (listing the ones it has), one without labelled samples (every
+    label missing) or one without class labels."""
     tasks = tasks_of(table, meta)
     if task not in tasks:
-        raise ValueError(f"the run has no task {task!r}; its tasks are {tasks}")
+        recorded = list(dict.fromkeys([*(meta or {}).get("tasks", []), *table.attrs.get("recorded_tasks", [])]))
+        if task in recorded:
+            raise ValueError(
+                f"task {task!r} has no labelled samples in the run (every one of its labels is missing in the records "
+                f"read): there is nothing to check; the tasks with labels are {tasks}"
+            )
+        raise ValueError(f"the run has no task {task!r}; its tasks are {recorded or tasks}")
     rows = table[table["task"] == task]
     labels = rows["label"].to_numpy(dtype=float)
     if rows["margin"].isna().all() or not np.array_equal(labels, np.round(labels)):

@@ -148,6 +148,18 @@ def scatter_type(webgl: bool):
     return go.Scattergl if webgl else go.Scatter
 
 
+def widen(data_frame: pd.DataFrame, *columns: str | None) -> pd.DataFrame:
+    """``data_frame`` with its float16 columns (of ``columns`` when named; None entries are skipped) as float64;
+    the frame itself when there are none.
+
+    Runs stored with ``float16=True`` hand back half-precision statistics; pandas has no float16 kernel for some
+    grouped reductions (``quantile``) and sums others in half precision, so the builders aggregate in float64.
+    """
+    names = [c for c in columns if c is not None] if columns else list(data_frame.columns)
+    half = [c for c in dict.fromkeys(names) if c in data_frame.columns and data_frame[c].dtype == np.float16]
+    return data_frame.astype(dict.fromkeys(half, np.float64)) if half else data_frame
+
+
 def require(data_frame: pd.DataFrame, *columns: str | None) -> None:
     """Refuse a frame that lacks a named column, saying which ones it has."""
     missing = [c for c in columns if c is not None and c not in data_frame.columns]

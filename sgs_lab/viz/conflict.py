@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._common import TEMPLATE, color_for, fill_doc, finish, ordered_values, require
+from ._common import TEMPLATE, color_for, fill_doc, finish, ordered_values, require, widen
 from .distributions import histogram
 
 
@@ -46,6 +46,7 @@ def task_conflict_table(
         definition). See the module docstring for what the off-diagonal values are when there are more than 2 tasks.
     """
     require(data_frame, conflict, task, by)
+    data_frame = widen(data_frame, conflict)
     tasks = ordered_values(data_frame[task])
     parts = []
     for name, rows in _per_task(data_frame, task, conflict):
@@ -141,7 +142,7 @@ def task_conflict_over_steps(
     {returns}
     """
     require(data_frame, x, conflict, task)
-    series = _per_task(data_frame, task, conflict)
+    series = _per_task(widen(data_frame, conflict), task, conflict)
     if len(series) == 2:  # both rows carry the same pairwise value: one line says it all
         series = [(f"{series[0][0]} · {series[1][0]}", series[0][1])]
     else:

@@ -24,6 +24,7 @@ from ._common import (
     scatter_type,
     split,
     subsample,
+    widen,
 )
 
 AXIS_TITLES = {
@@ -60,7 +61,7 @@ def data_map_table(
         clean_label where present.
     """
     require(data_frame, value, *by)
-    grouped = data_frame.groupby(list(by), observed=True, sort=True)
+    grouped = widen(data_frame, value).groupby(list(by), observed=True, sort=True)
     table = pd.DataFrame({
         "mean": grouped[value].mean(), "variability": grouped[value].std(ddof=0), "epochs": grouped[value].count(),
     })  # fmt: skip

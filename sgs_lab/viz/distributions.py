@@ -25,6 +25,7 @@ from ._common import (
     group_label,
     require,
     split,
+    widen,
 )
 
 
@@ -234,7 +235,7 @@ def weight_trajectories(
     {returns}
     """
     require(data_frame, x, y, line_group, color, facet_col)
-    panels = split(data_frame, facet_col)
+    panels = split(widen(data_frame, y), facet_col)
     fig = facet_figure([value for value, _ in panels])
     for col, (_, panel) in enumerate(panels, start=1):
         groups = split(panel, color)
@@ -291,7 +292,7 @@ def sample_history(
     """
     require(data_frame, x, y, color)
     fig = go.Figure()
-    for position, (value, rows) in enumerate(split(data_frame, color)):
+    for position, (value, rows) in enumerate(split(widen(data_frame, y), color)):
         name = y if value is None else group_label(color, value)
         line = rows.groupby(x, observed=True, sort=True)[y].mean()
         fig.add_scatter(x=line.index.to_numpy(), y=line.to_numpy(), mode="lines+markers", name=name,

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ._common import TEMPLATE, fill_doc, finish, ordered_values, require
+from ._common import TEMPLATE, fill_doc, finish, ordered_values, require, widen
 
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 STEP_METRICS = {"task_weight": "task weight", "consistency": "consistency"}
@@ -35,7 +35,7 @@ def _history_rows(run: str, history: Sequence[dict]) -> list[dict]:
 def _step_rows(run: str, steps: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch means of the per-step task weights and consistencies."""
     present = [c for c in STEP_METRICS if c in steps.columns]
-    means = steps.groupby(["epoch", "task"], observed=True, sort=True)[present].mean().reset_index()
+    means = widen(steps, *present).groupby(["epoch", "task"], observed=True, sort=True)[present].mean().reset_index()
     long = means.melt(id_vars=["epoch", "task"], value_vars=present, var_name="metric", value_name="value")
     long["metric"] = long["metric"].map(STEP_METRICS)
     long["task"] = long["task"].astype(str)

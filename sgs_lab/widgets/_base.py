@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..viz._common import ordered_values
+from ..viz._common import ordered_values, widen
 
 
 class Dashboard(widgets.VBox):
@@ -42,14 +42,28 @@ class Dashboard(widgets.VBox):
 
 
 def run_samples(run, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """The run's per-sample records as a DataFrame (a run may hand back {column: array})."""
+    """The run's per-sample records as a DataFrame (a run may hand back {column: array}), float16 statistics
+    (a run stored with ``float16=True``) widened to float64 so the dashboards can aggregate them. A run without
+    rows yet (its writer has not flushed) is refused with a ValueError saying so."""
     frame = run.samples(columns=list(columns)) if columns is not None else run.samples()
-    return frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    if not len(frame):  # a run whose writer has not flushed yet: nothing to put on a slider or a figure
+        raise ValueError(
+            f"run {describe_run(run)} has no committed rows yet; wait for its first flush or refresh() the run"
+        )
+    return widen(frame)
+
+
+def describe_run(run) -> str:
+    """How an error names a run: its path when it has one, else its method."""
+    path = getattr(run, "path", None)
+    return str(path) if path is not None else repr(run_name(run, type(run).__name__))
 
 
 def run_steps(run) -> pd.DataFrame:
+    """The run's per-step records as a DataFrame, float16 columns widened to float64."""
     frame = run.steps()
-    return frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    return widen(frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame))
 
 
 def run_tasks(run, samples: pd.DataFrame) -> list[str]:

@@ -8,13 +8,60 @@ from collections.abc import Callable
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from .. import viz
 from ._base import Dashboard, dropdown, figure_widget, run_samples, run_tasks, show
 
 ALL_TASKS = "all tasks"
 COLUMNS = ("epoch", "task", "sample_id", "label", "clean_label", "noisy")
+OPTIONAL_COLUMNS = ("present", "margin")  # read when the run records them: which labels exist, which tasks classify
 SLIDER_STEPS = 500
+
+
+def read_records(run) -> pd.DataFrame:
+    """The run's :data:`COLUMNS`, with :data:`OPTIONAL_COLUMNS` where the run has them."""
+    listed = getattr(run, "columns", None)
+    if callable(listed):  # a cached run lists its columns without reading any rows
+        try:
+            available = set(listed())
+        except (TypeError, ValueError, OSError):
+            available = None
+        if available is not None:
+            return run_samples(run, [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in available)])
+    try:
+        return run_samples(run, [*COLUMNS, *OPTIONAL_COLUMNS])
+    except (KeyError, ValueError):  # a run object without them
+        return run_samples(run, COLUMNS)
+
+
+def labelled_rows(samples: pd.DataFrame, task: str) -> pd.DataFrame:
+    """``task``'s rows that carry a label (a label, and ``present`` where recorded)."""
+    keep = (samples["task"].astype(str) == task).to_numpy() & samples["label"].notna().to_numpy()
+    if "present" in samples.columns:
+        keep &= samples["present"].fillna(False).astype(bool).to_numpy()
+    return samples[keep]
+
+
+def classification_tasks(samples: pd.DataFrame, tasks) -> list[str]:
+    """The tasks whose labels a detector can check: labelled rows with whole-number labels and, where margins are
+    recorded, a margin (a regression task has none). Tasks without any labelled sample are left out."""
+    found = []
+    for task in tasks:
+        rows = labelled_rows(samples, task)
+        labels = rows["label"].to_numpy(dtype=float)
+        if not len(rows) or not np.array_equal(labels, np.round(labels)):
+            continue
+        if "margin" in rows.columns and rows["margin"].isna().all():
+            continue
+        found.append(task)
+    return found
+
+
+def has_noise_truth(noisy) -> bool:
+    """Whether ground truth can grade a detector: both clean and wrong labels among ``noisy``."""
+    noisy = np.asarray(noisy, dtype=bool)
+    return bool(noisy.any() and not noisy.all())
 
 
 def mean_loss_scores(samples: pd.DataFrame, task: str | None) -> pd.DataFrame:
@@ -51,23 +98,35 @@ def set_range(slider: widgets.FloatSlider, low: float, high: float, value: float
 
 
 class NoiseDashboard(Dashboard):
-    """Controls: ``task_dropdown`` (a task, or "all tasks" combined), ``threshold_slider`` (flag scores ≥ it).
+    """Controls: ``task_dropdown`` (a classification task with labelled samples, or "all tasks" combined; it
+    starts at the first task with both clean and wrong labels), ``threshold_slider`` (flag scores ≥ it).
     Output: ``summary`` (flagged count, precision and recall against the injected noise), ``roc_figure`` and
     ``pr_figure`` (the last trace of each marks the threshold), ``gallery_figure`` (the most suspect flagged
-    samples, when images were given). ``scores`` holds the current score table with its ``noisy`` truth."""
+    samples, when images were given). ``scores`` holds the current score table with its ``noisy`` truth.
+
+    A task without injected noise (or with only wrong labels) has nothing to grade the detector against:
+    ``truth_known`` is False, the summary says so and the curve figures stay empty; the ranking still updates."""
 
     def __init__(self, run, *, scorer: Callable | None = None, images=None, image_ids=None, gallery_size=12) -> None:
         super().__init__()
         self.run, self.scorer = run, scorer or default_scorer
-        self.samples = run_samples(run, COLUMNS)
+        self.samples = read_records(run)
         self.images = viz.image_lookup(images, image_ids) if images is not None else None
         self.gallery_size = gallery_size
-        self.task_dropdown = dropdown([*run_tasks(run, self.samples), ALL_TASKS], "task")
+        tasks = run_tasks(run, self.samples)
+        checkable = classification_tasks(self.samples, tasks)
+        if not checkable:
+            raise ValueError(
+                f"the run has no classification task with labelled samples to check; its tasks are {tasks}"
+            )
+        with_truth = [t for t in checkable if has_noise_truth(labelled_rows(self.samples, t)["noisy"])]
+        self.task_dropdown = dropdown([*checkable, ALL_TASKS], "task", value=(with_truth or checkable)[0])
         self.threshold_slider = widgets.FloatSlider(description="threshold", readout_format=".3g",
                                                     continuous_update=False)  # fmt: skip
         self.summary = widgets.HTML()
         self.roc_figure, self.pr_figure, self.gallery_figure = figure_widget(), figure_widget(), figure_widget()
         self.scores = pd.DataFrame()
+        self.truth_known = False  # whether the current task has both clean and wrong labels to grade against
         self._observe(self.task_dropdown, self.update_scores)
         self._observe(self.threshold_slider, self.update_threshold)
         self.children = [
@@ -86,18 +145,28 @@ class NoiseDashboard(Dashboard):
         """Score the chosen task, redraw the curves and put the slider at the detector's own cut."""
         scores = viz.with_noise_truth(self.scorer(self.run, self.task), self.samples, task=self.task)
         self.scores = scores.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+        self.truth_known = has_noise_truth(self.scores["noisy"])
         score = self.scores["score"]
         with self.quietly():
             set_range(self.threshold_slider, float(score.min()), float(score.max()), initial_threshold(self.scores))
         threshold = self.threshold_slider.value  # the builders add the marker trace that update_threshold moves
-        show(self.roc_figure, viz.noise_roc(self.scores, threshold=threshold, width=460, height=400))
-        show(self.pr_figure, viz.noise_pr(self.scores, threshold=threshold, width=460, height=400))
+        if self.truth_known:
+            show(self.roc_figure, viz.noise_roc(self.scores, threshold=threshold, width=460, height=400))
+            show(self.pr_figure, viz.noise_pr(self.scores, threshold=threshold, width=460, height=400))
+        else:  # nothing to grade against: empty plots, the summary says why
+            for target in (self.roc_figure, self.pr_figure):
+                show(target, go.Figure(layout={"width": 460, "height": 400, "template": viz.TEMPLATE}))
         self.update_threshold()
 
     def update_threshold(self) -> None:
         """Flag scores ≥ the threshold: live precision / recall, the markers on both curves, the gallery."""
         threshold = self.threshold_slider.value
         outcome = viz.flag_outcome(self.scores["score"], self.scores["noisy"], threshold)
+        if not self.truth_known:
+            self.summary.value = _no_truth_html(outcome, len(self.scores), self.task_dropdown.value)
+            if self.images is not None:
+                self.update_gallery(threshold)
+            return
         self.summary.value = _summary_html(outcome, len(self.scores))
         name = f"score ≥ {threshold:.3g}"
         with self.roc_figure.batch_update():
@@ -131,10 +200,23 @@ def _summary_html(outcome: dict, total: int) -> str:
     )
 
 
+def _no_truth_html(outcome: dict, total: int, task: str) -> str:
+    subject = "the tasks combined" if task == ALL_TASKS else f"task <b>{task}</b>"
+    which = "none" if outcome["noisy"] == 0 else "all"
+    return (
+        f"flagged <b>{outcome['flagged']}</b> of {total} · no injected-noise ground truth for {subject}: {which} "
+        f"of its {total} scored labels were flipped, so there is no precision, recall or ROC / PR curve to measure "
+        f"the detector by (the ranking and its flags still stand)"
+    )
+
+
 def noise_dashboard(run, *, scorer: Callable | None = None, images=None, image_ids=None) -> NoiseDashboard:
     """Noisy-label detection dashboard: a task dropdown, a threshold slider that flags suspect samples with live
     precision / recall against the injected noise, ROC and PR curves marking the threshold, and a gallery of the
     most suspect flagged samples.
+
+    The dropdown lists the classification tasks that have labelled samples (regression tasks and tasks whose labels
+    are all missing have nothing to check) and starts at the first one with both clean and wrong labels.
 
     Parameters
     ----------
@@ -153,5 +235,10 @@ def noise_dashboard(run, *, scorer: Callable | None = None, images=None, image_i
     -------
     NoiseDashboard
         An ``ipywidgets.VBox``.
+
+    Raises
+    ------
+    ValueError
+        The run has no classification task with labelled samples.
     """
     return NoiseDashboard(run, scorer=scorer, images=images, image_ids=image_ids)
