@@ -113,7 +113,9 @@ def test_toy_problem_conflict_is_controlled_by_the_angle(angle):
     theta = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     autograd = torch.autograd.grad(problem.losses(theta).sum(), theta)[0]
     assert torch.allclose(problem.gradients(theta.detach()).sum(0), autograd)  # closed form = autograd
-    assert torch.allclose(problem.losses(problem.centres().double())[[0, 1], [0, 1]], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(
+        problem.losses(problem.centres().double())[[0, 1], [0, 1]], torch.zeros(2, dtype=torch.float64)
+    )
 
 
 def test_from_dataset_adapts_any_map_style_dataset():
@@ -137,3 +139,14 @@ def test_fingerprints_tell_task_order_and_labels_apart():
     assert train.fingerprint() == make_multidigits(64, 32, seed=0)[0].fingerprint()
     assert train.only(["right", "left"]).fingerprint() != train.fingerprint()  # heads are built in task order
     assert train.with_noise(0.2, seed=0).fingerprint() != train.fingerprint()
+
+
+def test_missing_labels_are_drawn_independently_of_the_flipped_ones():
+    from sgs_lab.data import make_multidigits
+
+    train, _ = make_multidigits(1000, 10, seed=0)
+    both = train.with_noise(0.3, seed=0).with_missing({"left": 0.3, "right": 0.3}, seed=0)
+    for task in ("left", "right"):
+        hidden = ~both.present[task]
+        share = float(both.noisy[task][hidden].float().mean())  # about the noise rate, not 1
+        assert int(hidden.sum()) == 300 and 0.2 < share < 0.4

@@ -302,3 +302,29 @@ def test_detect_command_through_the_cache(tmp_path, monkeypatch, capsys, one_thr
     assert {"sample_id", "score", "flagged", "given_label", "suggested_label"} <= set(written.columns)
     with pytest.raises(SystemExit, match="no task 'middle'; its tasks are"):
         args.run(parser.parse_args(["detect", str(tmp_path / "run"), "--task", "middle", "--out", "x.csv"]))
+
+
+def test_evaluating_some_tasks_counts_only_their_wrong_labels(records):
+    extra = records[records["task"] == "a"].assign(task="c", noisy=lambda f: f["sample_id"] < 103)
+    table = pd.concat([records, extra], ignore_index=True)
+    result = evaluate_detection(table, ["a", "b"], method="loss")
+    combined = result[result["task"] == "(all)"].iloc[0]
+    assert combined["n_noisy"] == 3  # samples 6, 7, 8 of task "a"; task "c"'s wrong labels are not ranked here
+
+
+def test_pred_probs_cover_every_sample_when_a_task_has_missing_labels(records):
+    table = records.copy()
+    hidden = (table["task"] == "a") & (table["sample_id"] == 101)
+    table.loc[hidden, "present"] = False
+    table.loc[hidden, ["label", "loss", "margin", "p_label", "weight"]] = np.nan
+    probs = np.full((SAMPLES, 3), 1 / 3)
+    probs[np.arange(SAMPLES), (np.arange(SAMPLES) + 1) % 3] = 0.9  # every given label looks wrong
+    ranked = find_noisy(table, "a", method="cleanlab", pred_probs={"a": probs / probs.sum(1, keepdims=True)})
+    assert len(ranked) == SAMPLES - 1 and 101 not in set(ranked["sample_id"])
+
+
+def test_retraining_options_leave_the_recorded_device_behind():
+    from sgs_lab.detect._external import _config
+
+    config = _config({"config": {"method": "sgs", "epochs": 7, "device": "cuda", "lr": 0.01}}, None, pd.DataFrame())
+    assert config.device == "auto" and config.epochs == 7 and config.lr == 0.01

@@ -303,3 +303,19 @@ def test_compare_runs_side_by_side(runs):
 def test_compare_runs_names_a_sequence_by_method(runs):
     dash = widgets.compare_runs([runs["sgs"], runs["ew"], runs["sgs"]])
     assert list(dash.left_dropdown.options) == ["sgs", "ew", "sgs #2"]
+
+
+def test_compare_runs_offers_the_tasks_of_every_run(runs):
+    from test_viz import FrameRun
+
+    other = runs["sgs"]
+    frame = other.samples()
+    frame = frame[frame["task"] == "right"].assign(task=lambda f: f["task"].astype(str).replace("right", "solo"))
+    steps = other.steps()
+    solo = FrameRun(frame, steps[steps["task"] == "right"].assign(task="solo"),
+                    {**other.meta, "method": "solo", "tasks": ["solo"]})  # fmt: skip
+    dash = widgets.compare_runs({"ew": runs["ew"], "solo": solo})
+    assert list(dash.task_dropdown.options) == ["left", "right", "solo"]
+    dash.right_dropdown.value = "solo"
+    dash.task_dropdown.value = "solo"
+    assert sum(np.asarray(t.y).sum() for t in dash.right_figure.data) > 0  # the single-task run has its panel

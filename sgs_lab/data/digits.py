@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from .noise import inject_noise, missing_mask
 
+MISSING_STREAM = 7  # separates the random draws of missing labels from those of label noise
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -98,7 +100,9 @@ class TaskSet(Dataset):
         """A copy where a fraction of each named task's labels is missing (``present`` False)."""
         present = dict(self.present)
         for k, (task, rate) in enumerate(rates.items()):
-            present[task] = self.present[task] & torch.as_tensor(missing_mask(len(self), rate, seed=seed * 1000 + k))
+            # a stream of its own: with with_noise's seed the hidden labels would be exactly the flipped ones
+            hidden = missing_mask(len(self), rate, seed=[seed, k, MISSING_STREAM])
+            present[task] = self.present[task] & torch.as_tensor(hidden)
         return TaskSet(
             self.x, dict(self.labels), self.tasks, self.sample_id, dict(self.clean), dict(self.noisy), present
         )

@@ -34,7 +34,7 @@ def inject_noise(
     return noisy, flipped
 
 
-def missing_mask(n: int, rate: float, *, seed: int = 0) -> np.ndarray:
+def missing_mask(n: int, rate: float, *, seed: int | list[int] = 0) -> np.ndarray:
     """(N,) bool: True where the label is present; a fraction ``rate`` is missing."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"missing-label rate must lie in [0, 1); got {rate}")

@@ -95,6 +95,7 @@ def evaluate_detection(run, tasks: Sequence[str] | None = None, *, method: str =
     started = time.perf_counter()
     rankings = rank_tasks(run, tasks, combined=combined and len(tasks) > 1, method=method, **options)
     seconds = time.perf_counter() - started  # one pass serves every task
+    truth = truth[truth["task"].isin(list(tasks))]  # the combined row counts only the ranked tasks' labels
     rows = [{**_ranking_metrics(ranked, truth), "seconds": seconds} for ranked in rankings.values()]
     columns = ["method", "task", "auroc", "ap", "precision", "recall", "n", "n_noisy", "n_flagged", "true_rate",
                "estimated_rate", "seconds"]  # fmt: skip

@@ -55,9 +55,10 @@ def _config(meta: dict, config, table: pd.DataFrame) -> TrainConfig:
         return config
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     recorded = meta.get("config")
-    if isinstance(recorded, dict):
-        return TrainConfig(**{k: v for k, v in recorded.items() if k in names and k not in ("method", "knobs")})
-    options = {k: v for k, v in (meta.get("options") or {}).items() if k in names and k != "method"}
+    if isinstance(recorded, dict):  # the recorded device may not exist here (a GPU run read on a laptop)
+        kept = {k: v for k, v in recorded.items() if k in names and k not in ("method", "knobs", "device")}
+        return TrainConfig(**kept)
+    options = {k: v for k, v in (meta.get("options") or {}).items() if k in names and k not in ("method", "device")}
     options.setdefault("epochs", int(table["epoch"].nunique()))
     options.setdefault("seed", int(meta.get("seed", 0)))
     return TrainConfig(**options)
@@ -98,7 +99,8 @@ def _cleanlab_frames(run, table, tasks, meta, options, *, data, config, pred_pro
         if task not in pred_probs:
             raise ValueError(f"pred_probs has no task {task!r}; it has {list(pred_probs)}")
         ids = evidence.index.to_numpy()
-        probs = _aligned_probabilities(pred_probs[task], ids, np.sort(rows["sample_id"].unique()))
+        every = np.sort(table["sample_id"].unique())  # all N samples, labelled for this task or not
+        probs = _aligned_probabilities(pred_probs[task], ids, every)
         labels = evidence["given_label"].to_numpy()
         quality = cleanlab.rank.get_label_quality_scores(labels, probs)
         preferred = probs.argmax(1)

@@ -48,7 +48,7 @@ def run_detect(args: argparse.Namespace) -> int:
     run = _open_run(args.run_dir)
     try:
         ranking = find_noisy(run, args.task, method=args.method, threshold=args.threshold, rate=args.rate)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, RuntimeError) as exc:
         raise SystemExit(f"sgs-lab detect: {exc}") from exc
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     ranking.to_csv(args.out, index=False)

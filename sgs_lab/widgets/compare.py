@@ -28,10 +28,11 @@ class CompareRuns(Dashboard):
             raise ValueError("compare_runs needs at least one run")
         names = list(self.runs)
         self.samples = {name: run_samples(run, COLUMNS) for name, run in self.runs.items()}
-        first = self.samples[names[0]]
         self.left_dropdown = dropdown(names, "left")
         self.right_dropdown = dropdown(names, "right", value=names[min(1, len(names) - 1)])
-        self.task_dropdown = dropdown(run_tasks(self.runs[names[0]], first), "task")
+        # every run's tasks: runs on other data (a single-task run, another dataset) still get their panels
+        tasks = [t for name, run in self.runs.items() for t in run_tasks(run, self.samples[name])]
+        self.task_dropdown = dropdown(list(dict.fromkeys(tasks)), "task")
         self.statistic_dropdown = dropdown(STATISTICS, "statistic")
         self.epoch_slider = epoch_slider(np.concatenate([frame["epoch"].to_numpy() for frame in self.samples.values()]))
         self.left_figure, self.right_figure, self.dynamics_figure = figure_widget(), figure_widget(), figure_widget()
