@@ -195,6 +195,7 @@ class RunWriter:
         self.context = context  # sgs_lab.distributed.Context of a distributed run, else None
         self.rank = context.rank if context else 0
         self._buffer: dict[str, list[dict]] = {kind: [] for kind in TABLES}
+        self._history_changed = False  # an epoch summary waits for the next commit
         error = None
         if self.rank == 0:  # rank 0 owns the lock and the manifest; every rank writes its own chunks
             try:
@@ -267,7 +268,7 @@ class RunWriter:
         """Write the buffered rows as one chunk per table, then commit them in the manifest (in a distributed run
         every rank writes its chunk and rank 0 commits them all)."""
         if not self._buffer["samples"] and not self.context:
-            if getattr(self, "_history_changed", False):
+            if self._history_changed:
                 self._commit()  # an epoch ended right after a flush: its summary must not wait for the next one
             return
         number = self.manifest["next_chunk"]
@@ -285,7 +286,7 @@ class RunWriter:
             written = [entry for part in _gather(written, self.context) for entry in part]
         self._buffer = {kind: [] for kind in TABLES}
         if not written:
-            if self.rank == 0 and getattr(self, "_history_changed", False):
+            if self.rank == 0 and self._history_changed:
                 self._commit()  # an epoch ended right after a flush: its summary must not wait for the next one
             return
         self.manifest["next_chunk"] = number + 1

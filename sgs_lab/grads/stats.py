@@ -95,6 +95,11 @@ class GradStats:
             dist.all_reduce(out, group=self._group)
         return out
 
+    def labelled_mean(self, values: Tensor) -> Tensor:
+        """(T, B) values → (T,) mean over each task's labelled samples of the (global) batch; 0 where none."""
+        count = self.total(self.mask.to(values.dtype)).clamp(min=1)
+        return self.total(torch.where(self.mask, values, torch.zeros_like(values))) / count
+
     def batch_max(self, values: Tensor) -> Tensor:
         """Max over the samples (last dimension), over the global batch in a distributed run."""
         out = values.amax(-1)

@@ -282,8 +282,7 @@ def fit(
                     epoch=epoch, step=global_step, batch=batch, outputs=outputs, stats=stats, weights=weights,
                     task_weights=task_weights, sgs_batch=sgs_batch, sgs_class=sgs_class, specs=train.tasks,
                 ))  # fmt: skip
-            labelled = stats.total(stats.mask.to(stats.losses.dtype)).clamp(min=1)  # over the global batch
-            epoch_loss += float((stats.total(torch.where(stats.mask, stats.losses, 0.0)) / labelled).mean())
+            epoch_loss += float(stats.labelled_mean(stats.losses).mean())  # over the global batch
             epoch_steps += 1
             steps_done += 1
             if checkpoint_every and (step + 1) % checkpoint_every == 0:

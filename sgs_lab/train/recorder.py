@@ -95,8 +95,7 @@ def step_records(
     samples["sample_id"] = np.tile(batch.sample_id.cpu().numpy(), n_tasks)
     samples["epoch"] = np.full(n_tasks * size, epoch, dtype=np.int32)
     samples["step"] = np.full(n_tasks * size, step, dtype=np.int64)
-    labelled = stats.total(stats.mask.to(stats.losses.dtype)).clamp(min=1)  # over the global batch when distributed
-    means = [stats.total(torch.where(stats.mask, v, 0.0)) / labelled for v in (stats.losses, stats.cosine)]
+    means = [stats.labelled_mean(v) for v in (stats.losses, stats.cosine)]  # over the global batch when distributed
     task_values = torch.stack([task_weights.detach().float(), *(m.float() for m in means)]).cpu().numpy()
     steps = {
         "epoch": np.full(n_tasks, epoch, dtype=np.int32),
