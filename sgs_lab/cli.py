@@ -43,13 +43,14 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fast() -> bool:
-    return os.environ.get("SGS_LAB_FAST", "") not in ("", "0")
+def fast() -> bool:
+    """True when ``SGS_LAB_FAST`` is set to anything but ``""`` or ``"0"``: every default run is then tiny."""
+    return os.environ.get("SGS_LAB_FAST", "").strip() not in ("", "0")
 
 
 def _defaults() -> dict:
     """Run sizes; SGS_LAB_FAST=1 shrinks them so the demo and tests take seconds."""
-    if _fast():
+    if fast():
         return {"epochs": 3, "train_size": 600, "test_size": 300}
     return {"epochs": 30, "train_size": 6000, "test_size": 2000}
 

@@ -40,9 +40,9 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor, nn
 
+from .cli import fast  # one reading of SGS_LAB_FAST for the command line and the notebooks
 from .data import TaskSet, ToyProblem, make_digit_attributes, make_multidigits
 
-FAST_ENV = "SGS_LAB_FAST"
 RUNS_ENV = "SGS_LAB_RUNS"
 DATASETS = ("multidigits", "attributes")
 TOY_METHODS = ("ew", "pcgrad", "mgda", "sgs")
@@ -55,11 +55,6 @@ _FULL_SIZES = {"n_train": 6000, "n_test": 2000, "epochs": 30, "batch_size": 128}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # sizes and the cache
-def fast() -> bool:
-    """True when ``SGS_LAB_FAST`` is set to anything but ``""`` or ``"0"``: notebooks then train tiny runs."""
-    return os.environ.get(FAST_ENV, "").strip() not in ("", "0")
-
-
 _env_fast = fast  # sizes() names its argument `fast`
 
 
@@ -214,7 +209,7 @@ def task_conflict_matrix(model, data: TaskSet, *, batch_size: int = 256, kind: s
     device = next(model.parameters()).device
     total, count, summed = None, None, None
     for lo in range(0, len(data), batch_size):
-        batch = _to_device(data.subset(torch.arange(lo, min(lo + batch_size, len(data)))), device)
+        batch = data.subset(torch.arange(lo, min(lo + batch_size, len(data)))).to(device)
         with probe.capture():
             z = model.encoder(batch.x)
         outputs = {t: model.heads[t](z) for t in tasks}
@@ -234,17 +229,6 @@ def task_conflict_matrix(model, data: TaskSet, *, batch_size: int = 256, kind: s
         matrix = gram / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
     matrix.fill_diagonal_(1.0)
     return pd.DataFrame(matrix.numpy(), index=pd.Index(tasks, name="task"), columns=pd.Index(tasks, name="other"))
-
-
-def _to_device(batch: TaskSet, device: torch.device) -> TaskSet:
-    if batch.x.device == device:
-        return batch
-
-    def move(mapping: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {t: v.to(device) for t, v in mapping.items()}
-
-    return TaskSet(batch.x.to(device), move(batch.labels), batch.tasks, batch.sample_id.to(device),
-                   move(batch.clean), move(batch.noisy), move(batch.present))  # fmt: skip
 
 
 def matrix_figure(matrix: pd.DataFrame, *, title: str | None = "Task × task gradient cosine",
@@ -665,7 +649,7 @@ def train_custom(
             order = torch.randperm(len(train), generator=generator)
             losses_sum = 0.0
             for step in range(steps_per_epoch):
-                batch = _to_device(train.subset(order[step * batch_size : (step + 1) * batch_size]), device)
+                batch = train.subset(order[step * batch_size : (step + 1) * batch_size]).to(device)
                 with probe.capture():
                     z = model.encoder(batch.x)
                 outputs = {t: model.heads[t](z) for t in train.tasks}

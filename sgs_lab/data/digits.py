@@ -65,6 +65,17 @@ class TaskSet(Dataset):
     def __getitem__(self, i):
         return self.x[i], {task: y[i] for task, y in self.labels.items()}
 
+    def to(self, device, dtype: torch.dtype | None = None) -> TaskSet:
+        """The same set on ``device``; inputs also cast to ``dtype`` when given (labels and masks keep theirs)."""
+
+        def move(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {t: v.to(device) for t, v in mapping.items()}
+
+        return TaskSet(
+            self.x.to(device, dtype), move(self.labels), self.tasks, self.sample_id.to(device), move(self.clean),
+            move(self.noisy), move(self.present),
+        )  # fmt: skip
+
     def fingerprint(self) -> str:
         """A SHA-256 hex digest of the inputs, labels (given and clean), masks, ids and task specs: two sets with
         the same fingerprint train identically (the run cache keys runs by it)."""

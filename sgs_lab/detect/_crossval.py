@@ -17,6 +17,8 @@ import torch
 from ..data import TaskSet
 from ..models import build_model
 from ..train import TrainConfig, resolve_device, task_losses
+from ..train.fit import make_optimizer
+from ..train.recorder import margin
 
 
 @dataclasses.dataclass
@@ -35,26 +37,6 @@ def classification_tasks_of(data: TaskSet) -> list[str]:
     return [t for t, spec in data.tasks.items() if spec.kind == "classification"]
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-
-
-def _on(device: torch.device, data: TaskSet) -> TaskSet:
-    def move(mapping):
-        return {t: v.to(device) for t, v in mapping.items()}
-
-    return TaskSet(data.x.to(device), move(data.labels), data.tasks, data.sample_id.to(device), move(data.clean),
-                   move(data.noisy), move(data.present))  # fmt: skip
-
-
-def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    given = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
-    return given - others
-
-
 @torch.no_grad()
 def _evaluate(model, data: TaskSet, index: np.ndarray, tasks: list[str], device, batch_size: int = 2048):
     model.eval()
@@ -65,7 +47,7 @@ def _evaluate(model, data: TaskSet, index: np.ndarray, tasks: list[str], device,
         outputs = model(data.x[pick].to(device))
         for t in tasks:
             logits = outputs[t].float()
-            margins[t].append(_margins(logits, data.labels[t][pick].to(device)).cpu())
+            margins[t].append(margin(logits, data.labels[t][pick].to(device)).cpu())
             probs[t].append(torch.softmax(logits, 1).cpu())
     model.train()
     return {t: torch.cat(v).numpy() for t, v in margins.items()}, {t: torch.cat(v).numpy() for t, v in probs.items()}
@@ -100,10 +82,10 @@ def train_and_track(
     present = {t: data.present[t].clone() for t in data.tasks}
     for task, mask in (hidden or {}).items():
         present[task] &= ~torch.as_tensor(np.asarray(mask, dtype=bool))
-    training = _on(device, dataclasses.replace(data, present=present).subset(torch.as_tensor(train_index)))
+    training = dataclasses.replace(data, present=present).subset(torch.as_tensor(train_index)).to(device)
     torch.manual_seed(seed)
     model = build_model(config.model, tuple(data.x.shape[1:]), data.tasks).to(device)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model.parameters(), config)
     margins = {t: np.empty((config.epochs, len(eval_index)), dtype=np.float32) for t in tasks}
     for epoch in range(config.epochs):
         order = torch.randperm(len(training), generator=torch.Generator().manual_seed(seed * 10007 + epoch))

@@ -64,6 +64,13 @@ class RunResult:
     sink: object
 
 
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names: Adam, or SGD with momentum 0.9."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +97,7 @@ def evaluate(model: MultiTaskNet, data: TaskSet, device: torch.device, batch_siz
     sums: dict[str, float] = {}
     dtype = next(model.parameters()).dtype
     for lo in range(0, len(data), batch_size):
-        batch = _to(data.subset(torch.arange(lo, min(lo + batch_size, len(data)))), device, dtype)
+        batch = data.subset(torch.arange(lo, min(lo + batch_size, len(data)))).to(device, dtype)
         outputs = model(batch.x)
         clean = dataclasses.replace(batch, labels=batch.clean)
         for task, loss in task_losses(outputs, clean).items():
@@ -100,16 +107,6 @@ def evaluate(model: MultiTaskNet, data: TaskSet, device: torch.device, batch_siz
                 sums[f"{task}/accuracy"] = sums.get(f"{task}/accuracy", 0.0) + hits
     model.train()
     return {k: v / len(data) for k, v in sums.items()}
-
-
-def _to(batch: TaskSet, device: torch.device, dtype: torch.dtype = torch.float32) -> TaskSet:
-    def move(mapping: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {t: v.to(device) for t, v in mapping.items()}
-
-    return TaskSet(
-        batch.x.to(device, dtype), move(batch.labels), batch.tasks, batch.sample_id.to(device), move(batch.clean),
-        move(batch.noisy), move(batch.present),
-    )  # fmt: skip
 
 
 def _rng_state() -> dict:
@@ -182,10 +179,7 @@ def fit(
         # because stats.backward writes .grad without autograd (see sgs_lab.distributed)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None).module
     params = list(model.parameters())
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     probe = SampleGradients(model.encoder, scope=method.scope, process_group=context.group if context else None)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
@@ -249,7 +243,7 @@ def fit(
             epoch_loss, epoch_steps = 0.0, 0
         for step in range(first, steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = _to(train.subset(distributed.shard(index, context)), device, dtype)
+            batch = train.subset(distributed.shard(index, context)).to(device, dtype)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16), probe.capture():
                 z = model.encoder(batch.x)
                 outputs = {task: head(z) for task, head in model.heads.items()}

@@ -45,16 +45,20 @@ class MemorySink:
         self._steps = [p for p in self._steps if p["step"][0] < step]
 
 
+def margin(logits: Tensor, label: Tensor) -> Tensor:
+    """(B,) the given label's logit minus the largest other logit (positive exactly when it is the arg-max)."""
+    given = logits.gather(1, label[:, None]).squeeze(1)
+    return given - logits.scatter(1, label[:, None], float("-inf")).max(1).values
+
+
 def _prediction_columns(output: Tensor, label: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor]:
     """pred, probability of the given label, margin (its logit minus the largest other logit)."""
     if kind != "classification":
         nan = torch.full_like(label, float("nan"), dtype=torch.float32)
         return output.squeeze(1).float(), nan, nan
     logits = output.float()
-    given = logits.gather(1, label[:, None]).squeeze(1)
-    others = logits.scatter(1, label[:, None], float("-inf")).max(1).values
     p_label = torch.softmax(logits, 1).gather(1, label[:, None]).squeeze(1)
-    return logits.argmax(1).float(), p_label, given - others
+    return logits.argmax(1).float(), p_label, margin(logits, label)
 
 
 def step_records(
